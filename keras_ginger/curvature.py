@@ -24,13 +24,21 @@ stays accurate in float32 at any damping:
 The functions are split so that an optimizer can stack the small matrices of
 many variables and call one batched ``eigh``:
 
-    proj = project(U, d, m)                  # passes over U: 3
+    proj = project(U, d, m)                  # reads U 4 times (3 blocked)
     C, scale = small_matrix(sigma, proj, beta_2)
     lam, V = top_eigh(C, k)                  # batched over leading axes
-    U', sigma', step = finish(U, proj, lam * scale, V, m, damping)   # 3 passes
+    U', sigma', step = finish(U, proj, lam * scale, V, m, damping)   # 3 (1)
 
 `ginger_update` composes them for one variable. All inputs are float32 (the
 caller casts); shapes: U (n, k), sigma (k,), d and m (n,).
+
+``block_rows``: `project` and `finish` can walk U in blocks of rows inside
+one loop (``ops.fori_loop`` + ``ops.slice_update``) instead of whole-array
+products. Same arithmetic, but the loop fuses passes (the residual pass reads
+U once for U c and Uᵀp; the rotation pass writes U' and forms the step from
+each new block while it is in cache) and, under XLA with U donated, updates U
+in place: no (n, k) temporary. The whole-array form is best where the
+runtime caches large buffers (TensorFlow, torch, GPUs); the optimizer picks.
 """
 
 import collections
@@ -72,31 +80,86 @@ def initial_basis(n, k):
     return np.eye(n, k, dtype=np.float32)
 
 
-def project(U, d, m, complete=False):
+def _row_blocks(n, block_rows):
+    """(full blocks, rows in the tail), or None when U is one block."""
+    if block_rows is None or n <= block_rows:
+        return None
+    full = n // block_rows
+    return full, n - full * block_rows
+
+
+def _residual(U, d, m, c1, valid):
+    """p = d - U c1 and its statistics (Uᵀp, ‖p‖², pᵀm̂) for rows of U."""
+    p = d - ops.matmul(U, c1)
+    if valid is not None:
+        p = ops.where(valid, p, 0.0)
+    return p, ops.matmul(p, U), ops.sum(p * p), ops.sum(p * m)
+
+
+def _residual_blocked(U, d, m, c1, valid, block_rows):
+    """`_residual` in one pass over U, block by block."""
+    n, k = U.shape
+    full, tail = _row_blocks(n, block_rows)
+
+    def body(i, carry):
+        p, c2, pp, pm = carry
+        start = i * block_rows
+        pb, c2b, ppb, pmb = _residual(
+            ops.slice(U, (start, 0), (block_rows, k)),
+            ops.slice(d, (start,), (block_rows,)),
+            ops.slice(m, (start,), (block_rows,)), c1, valid)
+        return (ops.slice_update(p, (start,), pb), c2 + c2b, pp + ppb,
+                pm + pmb)
+
+    # Blocks are read from d, m, U (captured) and written to the carried p:
+    # a block read from the carried array itself would make XLA copy all of
+    # it at every iteration.
+    zero = ops.zeros((), dtype=d.dtype)
+    p, c2, pp, pm = ops.fori_loop(
+        0, full, body, (ops.zeros_like(d), ops.zeros_like(c1), zero, zero))
+    if tail:
+        start = full * block_rows
+        pb, c2b, ppb, pmb = _residual(U[start:], d[start:], m[start:], c1,
+                                      valid)
+        p = ops.slice_update(p, (start,), pb)
+        c2, pp, pm = c2 + c2b, pp + ppb, pm + pmb
+    return p, c2, pp, pm
+
+
+def project(U, d, m, complete=False, block_rows=None, valid=None):
     """Coefficients of d and m̂ in span(U), and the residual of d.
 
-    Reads U three times (Uᵀ[d, m̂], U c1, Uᵀp): the second Gram–Schmidt pass
-    is what keeps p orthogonal to U when d is nearly in span(U).
+    Reads U four times (Uᵀd, Uᵀm̂, U c1, Uᵀp; with ``block_rows`` the last
+    two are one pass): the second Gram–Schmidt pass is what keeps p
+    orthogonal to U when d is nearly in span(U).
     With ``complete=True`` (k = n) U spans everything: no residual exists.
+    ``valid`` (scalar bool, optional): when False, d is taken as 0, so a
+    non-finite d needs no sanitised copy.
     """
     k = U.shape[-1]
     # Vector-matrix products: XLA on CPU runs them near memory speed, while
     # a skinny (n, k)ᵀ(n, 2) product is several times slower.
     c1 = ops.matmul(d, U)
     um = ops.matmul(m, U)
+    if valid is not None:
+        c1 = ops.where(valid, c1, 0.0)
     zero = ops.zeros((), dtype=d.dtype)
     if complete:
         return Projection(c1, um, None, ops.zeros_like(c1), zero, zero,
                           ops.zeros((), dtype="bool"))
-    p = d - ops.matmul(U, c1)  # second pass
-    c2 = ops.matmul(p, U)  # third pass
+    if _row_blocks(U.shape[0], block_rows) is None:
+        p, c2, pp, pm = _residual(U, d, m, c1, valid)
+    else:
+        p, c2, pp, pm = _residual_blocked(U, d, m, c1, valid, block_rows)
     # ‖p - U c2‖² = ‖p‖² - ‖c2‖² for orthonormal U.
-    r2 = ops.sum(p * p) - ops.sum(c2 * c2)
+    r2 = pp - ops.sum(c2 * c2)
     r = ops.sqrt(ops.maximum(r2, 0.0))
     d_norm = ops.sqrt(ops.sum(d * d))
+    if valid is not None:
+        d_norm = ops.where(valid, d_norm, 0.0)
     keep = r > SPAN_FACTOR * math.sqrt(k + 1) * EPS32 * d_norm
     r = ops.where(keep, r, zero)
-    pm = ops.sum(p * m) - ops.sum(c2 * um)
+    pm = pm - ops.sum(c2 * um)
     return Projection(c1 + c2, um, p, c2, r, pm, keep)
 
 
@@ -143,7 +206,48 @@ def top_eigh(C, k):
     return lam, V
 
 
-def finish(U, proj, sigma, V, m, damping, complete=False):
+def _rotate(U, p, A, b, m, w, a1, damping, theta, eta):
+    """Rows of U' = U A + p bᵀ, and of the step (m̂ - U'w)/γ + U'a1
+    (or of θ - η·step when θ is given)."""
+    U_new = ops.matmul(U, A) + ops.outer(p, b)
+    step = (m - ops.matmul(U_new, w)) / damping + ops.matmul(U_new, a1)
+    return U_new, (step if theta is None else theta - eta * step)
+
+
+def _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, block_rows):
+    """`_rotate` block by block, writing U' over U (in place under XLA).
+
+    Given θ, the carried output is θ - η·step, else the step."""
+    n, k = U.shape
+    full, tail = _row_blocks(n, block_rows)
+
+    def body(i, carry):
+        U, out = carry
+        start = i * block_rows
+        Ub, ob = _rotate(ops.slice(U, (start, 0), (block_rows, k)),
+                         ops.slice(p, (start,), (block_rows,)), A, b,
+                         ops.slice(m, (start,), (block_rows,)), w, a1,
+                         damping,
+                         None if theta is None else ops.slice(
+                             theta, (start,), (block_rows,)), eta)
+        return (ops.slice_update(U, (start, 0), Ub),
+                ops.slice_update(out, (start,), ob))
+
+    # U' overwrites U block by block: each block of U feeds a product, so XLA
+    # updates U in place. θ is read (captured) and θ' written (carried).
+    U, out = ops.fori_loop(0, full, body, (U, ops.zeros_like(m)))
+    if tail:
+        start = full * block_rows
+        Ub, ob = _rotate(U[start:], p[start:], A, b, m[start:], w, a1,
+                         damping, None if theta is None else theta[start:],
+                         eta)
+        U = ops.slice_update(U, (start, 0), Ub)
+        out = ops.slice_update(out, (start,), ob)
+    return U, out
+
+
+def finish(U, proj, sigma, V, m, damping, complete=False, block_rows=None,
+           theta=None, eta=None):
     """New basis U' = [U, q] V and the Woodbury step (γI + U'ΣU'ᵀ)⁻¹ m̂.
 
     ``sigma`` are the new (unnormalised) eigenvalues, V the (k+1)×k
@@ -155,8 +259,11 @@ def finish(U, proj, sigma, V, m, damping, complete=False):
         U' (w/(γ+σ))                         (complete basis, k = n)
 
     so that no difference of two large numbers is formed. Both products
-    read U' (just written) rather than U: the old U is then dead once U' is
-    computed, and XLA updates a donated U in place instead of copying it.
+    read U' rather than U: the old U is dead once U' is computed. With
+    ``block_rows`` one pass over U writes U' and the step together.
+
+    Given ``theta`` (n,) and a scalar ``eta``, returns θ - η·step in place
+    of the step, fused into the same pass: the step is never stored.
     """
     k = U.shape[-1]
     Vu, vq = V[:k], V[k]  # (k, k), (k,)
@@ -167,15 +274,21 @@ def finish(U, proj, sigma, V, m, damping, complete=False):
     a1 = w / (damping + sigma)
     if complete:
         U_new = ops.matmul(U, Vu)
-        return U_new, sigma, ops.matmul(U_new, a1)
+        step = ops.matmul(U_new, a1)
+        return U_new, sigma, step if theta is None else theta - eta * step
     # q = (p - U c2)/r: fold the second Gram–Schmidt pass into Vu.
     Vu = Vu - ops.outer(proj.c2 * inv_r, vq)
-    U_new = ops.matmul(U, Vu) + ops.outer(proj.p * inv_r, vq)
-    step = (m - ops.matmul(U_new, w)) / damping + ops.matmul(U_new, a1)
-    return U_new, sigma, step
+    b = vq * inv_r
+    if _row_blocks(U.shape[0], block_rows) is None:
+        U_new, out = _rotate(U, proj.p, Vu, b, m, w, a1, damping, theta, eta)
+    else:
+        U_new, out = _rotate_blocked(U, proj.p, Vu, b, m, w, a1, damping,
+                                     theta, eta, block_rows)
+    return U_new, sigma, out
 
 
-def ginger_update(U, sigma, d, m, beta_2, damping, complete=False):
+def ginger_update(U, sigma, d, m, beta_2, damping, complete=False,
+                  block_rows=None):
     """One Ginger curvature update followed by the step, for one variable.
 
     Args:
@@ -183,21 +296,28 @@ def ginger_update(U, sigma, d, m, beta_2, damping, complete=False):
         d: (n,) Fisher gradient d_t. m: (n,) bias-corrected momentum m̂_t.
         beta_2: α, the curvature EMA factor. damping: γ > 0.
         complete: True when k = n (the basis spans the whole space).
+        block_rows: walk U in blocks of this many rows (see module doc).
 
     Returns:
         (U', σ', step) with step = (γI + U'diag(σ')U'ᵀ)⁻¹ m̂.
     """
     k = U.shape[-1]
-    proj = project(U, d, m, complete=complete)
+    proj = project(U, d, m, complete=complete, block_rows=block_rows)
     C, scale = small_matrix(sigma, proj, beta_2)
     lam, V = top_eigh(C, k)
-    return finish(U, proj, lam * scale, V, m, damping, complete=complete)
+    return finish(U, proj, lam * scale, V, m, damping, complete=complete,
+                  block_rows=block_rows)
 
 
-def woodbury_step(U, sigma, m, damping, complete=False):
-    """(γI + U diag(σ) Uᵀ)⁻¹ m without a curvature update (3 passes over U)."""
+def woodbury_step(U, sigma, m, damping, complete=False, theta=None, eta=None):
+    """(γI + U diag(σ) Uᵀ)⁻¹ m without a curvature update (3 passes over U).
+
+    Given ``theta`` and ``eta``, returns θ - η·step instead (as `finish`).
+    """
     w = ops.matmul(m, U)
     a1 = w / (damping + sigma)
     if complete:
-        return ops.matmul(U, a1)
-    return (m - ops.matmul(U, w)) / damping + ops.matmul(U, a1)
+        step = ops.matmul(U, a1)
+    else:
+        step = (m - ops.matmul(U, w)) / damping + ops.matmul(U, a1)
+    return step if theta is None else theta - eta * step

@@ -13,6 +13,19 @@ from keras import ops
 
 from keras_ginger import curvature
 
+# Rows of U per block when the update walks U in place (see
+# `Ginger._block_rows`): 16384 x τ floats stay in the L2 cache for τ ≤ 8.
+BLOCK_ROWS = 16384
+
+def _jax_traced(x):
+    """Whether x is a JAX tracer (inside jit), as Keras itself tests it."""
+    try:
+        from keras.src.utils.jax_utils import is_in_jax_tracing_scope
+    except ImportError:  # pragma: no cover - layout of a future Keras
+        return True
+    return is_in_jax_tracing_scope(x)
+
+
 def _check_hyperparameters(tau, beta_1, beta_2, damping):
     if isinstance(tau, bool) or not isinstance(tau, numbers.Integral) or tau < 1:
         raise ValueError(
@@ -461,8 +474,10 @@ class Ginger(keras.optimizers.Optimizer):
             m = ops.where(
                 g_ok, m_old + (1.0 - self.beta_1) * (ops.where(g_ok, g, 0.0)
                                                      - m_old), m_old)
-            entries.append((var, idx, g_ok, d_ok, ops.where(d_ok, d, 0.0), m,
-                            m / bias))
+            # θ' = θ - η_t·step(m), η_t = lr/(1 - β₁ᵗ): the step is linear
+            # in the momentum, so m̂ need not be stored. 0 when g is bad.
+            eta = ops.where(g_ok, lr / bias, 0.0)
+            entries.append((var, idx, d_ok, d, m, eta))
         curved = [e for e in entries if self._bases[e[1]] is not None]
         if self.curvature_interval == 1:
             results = self._refresh_curvature(curved)
@@ -470,49 +485,85 @@ class Ginger(keras.optimizers.Optimizer):
             results = ops.cond(self.fisher_due(),
                                lambda: self._refresh_curvature(curved),
                                lambda: self._reuse_curvature(curved))
-        steps = {}
-        for (var, idx, *_), (U_new, sigma_new, step) in zip(curved, results):
+        thetas = {}
+        for (var, idx, *_), (U_new, sigma_new, theta) in zip(curved, results):
             self.assign(self._bases[idx], U_new)
             self.assign(self._sigmas[idx], sigma_new)
-            steps[idx] = step
-        for var, idx, g_ok, d_ok, d, m, m_hat in entries:
-            step = steps[idx] if idx in steps else m_hat / self.damping
+            thetas[idx] = theta
+        for var, idx, d_ok, d, m, eta in entries:
             self.assign(self._momentums[idx], ops.reshape(m, var.shape))
-            step = ops.where(g_ok, step * lr, 0.0)
-            self.assign_sub(var, ops.cast(ops.reshape(step, var.shape),
+            if idx in thetas:
+                self.assign(var, ops.cast(ops.reshape(thetas[idx], var.shape),
                                           var.dtype))
+            else:  # identity preconditioner: the step is m̂/γ
+                step = (eta / self.damping) * m
+                self.assign_sub(var, ops.cast(ops.reshape(step, var.shape),
+                                              var.dtype))
         self.assign(self._nonfinite, event)
+
+    @staticmethod
+    def _theta(var):
+        """The variable's value, flat and in float32 (the state's dtype)."""
+        return ops.reshape(ops.cast(ops.convert_to_tensor(var), "float32"),
+                           (-1,))
 
     def _state(self, idx):
         U = ops.convert_to_tensor(self._bases[idx])
         return U, ops.convert_to_tensor(self._sigmas[idx]), (
             U.shape[0] == U.shape[1])
 
+    @staticmethod
+    def _block_rows(sample):
+        """Block size for an in-place walk over U, or None for whole arrays.
+
+        JAX on CPU gives every large temporary fresh pages (XLA's buffers
+        above 32 MB come straight from mmap), so an (n, τ) temporary costs
+        more than the arithmetic: there the update walks U in blocks and
+        XLA writes U' over the donated U. TensorFlow, torch and GPU runtimes
+        cache their buffers, and whole-array products are faster there; so
+        are sharded arrays (a `keras.distribution` is set), which a blocked
+        walk would gather, and eager JAX, which would compile the loop anew
+        at every call (``sample``, a state tensor, tells whether JAX traces).
+        """
+        if (keras.backend.backend() != "jax"
+                or keras.distribution.distribution() is not None
+                or not _jax_traced(sample)):
+            return None
+        devices = keras.distribution.list_devices()
+        if devices and not str(devices[0]).lower().startswith("cpu"):
+            return None
+        return BLOCK_ROWS
+
     def _refresh_curvature(self, entries):
-        """[(U', σ', step)]: the rank-one update with d, then the step."""
+        """[(U', σ', θ')]: the rank-one update with d, then the step."""
         work = []
-        for var, idx, g_ok, d_ok, d, m, m_hat in entries:
+        block_rows = self._block_rows(entries[0][4]) if entries else None
+        for var, idx, d_ok, d, m, eta in entries:
             U, sigma, complete = self._state(idx)
-            proj = curvature.project(U, d, m_hat, complete=complete)
+            proj = curvature.project(U, d, m, complete=complete,
+                                     block_rows=block_rows, valid=d_ok)
             # A non-finite d leaves M unchanged: α = 1 and d = 0.
             beta_2 = ops.where(d_ok, self.beta_2, 1.0)
             C, scale = curvature.small_matrix(sigma, proj, beta_2)
-            work.append((U, proj, C, scale, m_hat, complete))
+            work.append((U, proj, C, scale, m, complete,
+                         self._theta(var), eta))
         eig = self._batched_top_eigh([w[2] for w in work])
         return [
-            curvature.finish(U, proj, lam * scale, V, m_hat, self.damping,
-                             complete)
-            for (U, proj, C, scale, m_hat, complete), (lam, V) in zip(work,
-                                                                      eig)
+            curvature.finish(U, proj, lam * scale, V, m, self.damping,
+                             complete, block_rows=block_rows, theta=theta,
+                             eta=eta)
+            for (U, proj, C, scale, m, complete, theta, eta), (lam, V)
+            in zip(work, eig)
         ]
 
     def _reuse_curvature(self, entries):
-        """[(U, σ, step)]: the step with the curvature as it is."""
+        """[(U, σ, θ')]: the step with the curvature as it is."""
         out = []
-        for var, idx, g_ok, d_ok, d, m, m_hat in entries:
+        for var, idx, d_ok, d, m, eta in entries:
             U, sigma, complete = self._state(idx)
             out.append((U, sigma, curvature.woodbury_step(
-                U, sigma, m_hat, self.damping, complete)))
+                U, sigma, m, self.damping, complete, theta=self._theta(var),
+                eta=eta)))
         return out
 
     @staticmethod
