@@ -27,7 +27,8 @@ many variables and call one batched ``eigh``:
     proj = project(U, d, m)                  # reads U 4 times (3 blocked)
     C, scale = small_matrix(sigma, proj, beta_2)
     lam, V = top_eigh(C, k)                  # batched over leading axes
-    U', sigma', step = finish(U, proj, lam * scale, V, m, damping)   # 3 (1)
+    U', sigma', step = finish(U, proj, lam * scale, V, m, damping)
+                                 # writes U', reads it twice (blocked: once)
 
 `ginger_update` composes them for one variable. All inputs are float32 (the
 caller casts); shapes: U (n, k), sigma (k,), d and m (n,).
