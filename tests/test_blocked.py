@@ -53,12 +53,18 @@ def _dense_update(U, sigma, d, m, k, beta_2=0.99, damping=1e-3):
     return Mk, np.linalg.solve(damping * np.eye(len(d)) + Mk, m)
 
 
+@pytest.mark.parametrize("near", [0.0, 1e-2, 1e-4])
 @pytest.mark.parametrize("n", [BLOCK * 7 + 8, BLOCK * 8])
-def test_blocked_walk_matches_float64(n):
+def test_blocked_walk_matches_float64(n, near):
+    """d far from span(U) and near it (r/‖d‖ ~ 1e-2, 1e-4), where the second
+    Gram–Schmidt pass matters: as accurate as whole arrays."""
     rng = np.random.default_rng(0)
     k = 6
     U, sigma = _state(rng, n, k)
     d, m, theta = (rng.standard_normal(n).astype(np.float32) for _ in "dmt")
+    if near:
+        d = (U @ rng.standard_normal(k) + near * d / np.linalg.norm(d)
+             ).astype(np.float32)
     M_want, step_want = _dense_update(U, sigma, d, m, k)
     for block_rows in (None, BLOCK):
         U1, s1, step1 = _update(U, sigma, d, m, block_rows)
@@ -84,6 +90,37 @@ def test_invalid_d_is_taken_as_zero(block_rows):
     for x, y in zip(got, want):
         assert np.all(np.isfinite(x))
         assert rel_err(x, y) <= 1e-6
+
+
+def _compiled(fn):
+    """fn as training compiles it (eager loops are slow on JAX and TF)."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    return fn
+
+
+def test_orthonormality_blocked_2000_steps():
+    """As the whole-array test, with the walk (both residual paths)."""
+    rng = np.random.default_rng(7)
+    n, k = 500, 8
+    mix = rng.standard_normal((n, n)) / np.sqrt(n)
+    update = _compiled(lambda U, s, d: curvature.ginger_update(
+        U, s, d, d, 0.99, 1e-3, block_rows=64))
+    U = ops.convert_to_tensor(curvature.initial_basis(n, k))
+    s = ops.zeros((k,))
+    for t in range(2000):
+        x = rng.standard_normal(n)
+        d = ops.convert_to_tensor(whole.f32(mix @ x if t % 3 else x))
+        U, s, _ = update(U, s, d)
+    U = np.asarray(ops.convert_to_numpy(U), np.float64)
+    assert np.linalg.norm(U.T @ U - np.eye(k)) <= 1e-4
 
 
 # The optimizer with the walk forced on: the core accuracy tests again.
