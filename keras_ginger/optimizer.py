@@ -16,6 +16,10 @@ from keras_ginger import curvature
 # Rows of U per block when the update walks U in place (see
 # `Ginger._block_rows`); block sizes from 4096 to 262144 measured alike.
 BLOCK_ROWS = 16384
+# ... and the smallest basis (bytes of U) walked that way: below it, whole
+# arrays were faster (JAX/CPU, τ = 8: 8-10 ns/param for n ≤ 1e6 against
+# 13-23 in blocks); above it, blocks were (2e6: 14 against 22).
+BLOCK_MIN_BYTES = 32 * 2**20
 
 def _jax_traced(x):
     """Whether x is a JAX tracer (inside jit), as Keras itself tests it."""
@@ -513,22 +517,23 @@ class Ginger(keras.optimizers.Optimizer):
             U.shape[0] == U.shape[1])
 
     @staticmethod
-    def _block_rows(sample):
+    def _block_rows(U):
         """Block size for an in-place walk over U, or None for whole arrays.
 
         On JAX/CPU a large temporary costs more than the arithmetic (writing
         a fresh 4e6 x 8 float32 buffer: 9-15 ns per row of U, against 1.5 for
-        a 1e6 x 8 one, whose pages get reused): there the update walks U in
-        blocks and
+        a 1e6 x 8 one, whose pages get reused): there, for a U of at least
+        `BLOCK_MIN_BYTES`, the update walks U in blocks and
         XLA writes U' over the donated U. TensorFlow, torch and GPU runtimes
         cache their buffers, and whole-array products are faster there; so
         are sharded arrays (a `keras.distribution` is set), which a blocked
         walk would gather, and eager JAX, which would compile the loop anew
-        at every call (``sample``, a state tensor, tells whether JAX traces).
+        at every call.
         """
         if (keras.backend.backend() != "jax"
+                or 4 * math.prod(U.shape) < BLOCK_MIN_BYTES
                 or keras.distribution.distribution() is not None
-                or not _jax_traced(sample)):
+                or not _jax_traced(U)):
             return None
         devices = keras.distribution.list_devices()
         if devices and not str(devices[0]).lower().startswith("cpu"):
@@ -538,23 +543,23 @@ class Ginger(keras.optimizers.Optimizer):
     def _refresh_curvature(self, entries):
         """[(U', σ', θ')]: the rank-one update with d, then the step."""
         work = []
-        block_rows = self._block_rows(entries[0][4]) if entries else None
         for var, idx, d_ok, d, m, eta in entries:
             U, sigma, complete = self._state(idx)
+            block_rows = self._block_rows(U)
             proj = curvature.project(U, d, m, complete=complete,
                                      block_rows=block_rows, valid=d_ok)
             # A non-finite d leaves M unchanged: α = 1 and d = 0.
             beta_2 = ops.where(d_ok, self.beta_2, 1.0)
             C, scale = curvature.small_matrix(sigma, proj, beta_2)
             work.append((U, proj, C, scale, m, complete,
-                         self._theta(var), eta))
+                         self._theta(var), eta, block_rows))
         eig = self._batched_top_eigh([w[2] for w in work])
         return [
             curvature.finish(U, proj, lam * scale, V, m, self.damping,
                              complete, block_rows=block_rows, theta=theta,
                              eta=eta)
-            for (U, proj, C, scale, m, complete, theta, eta), (lam, V)
-            in zip(work, eig)
+            for (U, proj, C, scale, m, complete, theta, eta, block_rows),
+            (lam, V) in zip(work, eig)
         ]
 
     def _reuse_curvature(self, entries):

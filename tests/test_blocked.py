@@ -21,7 +21,7 @@ BLOCK = 16  # n = 120 -> 7 full blocks and a tail of 8 rows; n = 1000 -> 62 + 8
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(Ginger, "_block_rows", staticmethod(lambda sample: BLOCK))
+    monkeypatch.setattr(Ginger, "_block_rows", staticmethod(lambda U: BLOCK))
 
 
 def _update(U, sigma, d, m, block_rows, valid=None, theta=None, eta=None):
@@ -187,16 +187,19 @@ def test_low_precision_blocked(small_blocks):
     whole.test_low_precision_variables_keep_float32_state("bfloat16")
 
 
-def test_optimizer_walks_only_traced_jax(monkeypatch):
-    """The optimizer's own choice: blocks under jit on JAX/CPU, else none."""
-    sample = ops.zeros((3,))
-    assert Ginger._block_rows(sample) is None  # eager, or not JAX
+def test_optimizer_walks_only_large_traced_jax():
+    """The optimizer's own choice: blocks for a U of ≥ 32 MiB under jit on
+    JAX/CPU; whole arrays otherwise (eager, small U, other backends)."""
+    big = (keras_ginger.optimizer.BLOCK_MIN_BYTES // 32, 8)
+    assert Ginger._block_rows(ops.zeros((100, 8))) is None
     if keras.backend.backend() == "jax":
         import jax
 
         seen = []
-        jax.jit(lambda x: seen.append(Ginger._block_rows(x)) or x)(sample)
-        assert seen == [keras_ginger.optimizer.BLOCK_ROWS]
+        probe = lambda U: seen.append(Ginger._block_rows(U)) or U  # noqa
+        for shape in (big, (big[0] - 1, 8)):
+            jax.eval_shape(probe, jax.ShapeDtypeStruct(shape, "float32"))
+        assert seen == [keras_ginger.optimizer.BLOCK_ROWS, None]
 
 
 def test_walk_is_used(small_blocks):
