@@ -28,6 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ginger.fisher import unwrap_optimizer
 from keras_ginger.optimizer import _check_positive_int
 
 __all__ = ["CurvatureLogger", "plot_spectrum", "read_curvature_csv"]
@@ -38,14 +39,7 @@ _FIXED_COLUMNS = ["step", "epoch", "variable", "k", "orthogonality_error"]
 def _ginger_of(optimizer):
     """The optimizer that has `get_curvature` (unwrapping a
     `keras.optimizers.LossScaleOptimizer`), or None."""
-    if optimizer is None:
-        return None
-    if hasattr(optimizer, "get_curvature"):
-        return optimizer
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None and hasattr(inner, "get_curvature"):
-        return inner
-    return None
+    return unwrap_optimizer(optimizer, "get_curvature")[0]
 
 
 def _import_tf_summary():
@@ -127,22 +121,8 @@ class CurvatureLogger(keras.callbacks.Callback):
         append=False,
     ):
         super().__init__()
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                "Argument `every_n_steps` must be None or a positive int. "
-                f"Received: every_n_steps={every_n_steps!r}"
-            )
-        if top is not None and (
-            isinstance(top, bool) or not isinstance(top, int) or top < 1
-        ):
-            raise ValueError(
-                "Argument `top` must be None or a positive int. "
-                f"Received: top={top!r}"
-            )
+        _check_positive_int("every_n_steps", every_n_steps, allow_none=True)
+        _check_positive_int("top", top, allow_none=True)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.csv_path = None if csv_path is None else os.fspath(csv_path)
         self.every_n_steps = every_n_steps

@@ -57,16 +57,23 @@ __all__ = [
 # Optimizers
 
 
-def _fisher_optimizer(optimizer):
-    """(optimizer that takes fisher_grads, wrapping LossScaleOptimizer|None)."""
+def unwrap_optimizer(optimizer, attribute):
+    """(the optimizer whose ``attribute`` is truthy, the
+    `keras.optimizers.LossScaleOptimizer` wrapping it or None), or
+    (None, None)."""
     if optimizer is None:
         return None, None
-    if getattr(optimizer, "accepts_fisher_grads", False):
+    if getattr(optimizer, attribute, False):
         return optimizer, None
     inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None and getattr(inner, "accepts_fisher_grads", False):
+    if inner is not None and getattr(inner, attribute, False):
         return inner, optimizer
     return None, None
+
+
+def _fisher_optimizer(optimizer):
+    """(optimizer that takes fisher_grads, wrapping LossScaleOptimizer|None)."""
+    return unwrap_optimizer(optimizer, "accepts_fisher_grads")
 
 
 def accepts_fisher_grads(optimizer):
