@@ -16,10 +16,11 @@ from keras_ginger import curvature
 # Rows of U per block when the update walks U in place (see
 # `Ginger._block_rows`); block sizes from 4096 to 262144 measured alike.
 BLOCK_ROWS = 16384
-# ... and the smallest basis (bytes of U) walked that way: below it, whole
-# arrays were faster (JAX/CPU, τ = 8: 8-10 ns/param for n ≤ 1e6 against
-# 13-23 in blocks); above it, blocks were (2e6: 14 against 22).
-BLOCK_MIN_BYTES = 32 * 2**20
+# ... and the smallest basis (bytes of U) walked that way. JAX/CPU, τ = 8,
+# ns/param: n = 5e5 (15 MiB) whole arrays 8.7, blocks 13.6; n = 1e6
+# (31 MiB) whole arrays 10 or 20 from one process to the next, blocks 13-14;
+# n = 2e6: whole arrays 22, blocks 14.
+BLOCK_MIN_BYTES = 24 * 2**20
 
 def _jax_traced(x):
     """Whether x is a JAX tracer (inside jit), as Keras itself tests it."""

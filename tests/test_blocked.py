@@ -188,7 +188,7 @@ def test_low_precision_blocked(small_blocks):
 
 
 def test_optimizer_walks_only_large_traced_jax():
-    """The optimizer's own choice: blocks for a U of ≥ 32 MiB under jit on
+    """The optimizer's own choice: blocks for a U of ≥ 24 MiB under jit on
     JAX/CPU; whole arrays otherwise (eager, small U, other backends)."""
     big = (keras_ginger.optimizer.BLOCK_MIN_BYTES // 32, 8)
     assert Ginger._block_rows(ops.zeros((100, 8))) is None
