@@ -89,6 +89,12 @@ def _row_blocks(n, block_rows):
     return full, n - full * block_rows
 
 
+def _rows(x, start, rows):
+    """x[start:start + rows] along the first axis, with a traced start."""
+    return ops.slice(x, (start,) + (0,) * (len(x.shape) - 1),
+                     (rows,) + tuple(x.shape[1:]))
+
+
 def _residual(U, d, m, c1, valid):
     """p = d - U c1 and its statistics (Uᵀp, ‖p‖², pᵀm̂) for rows of U."""
     p = d - ops.matmul(U, c1)
@@ -99,16 +105,13 @@ def _residual(U, d, m, c1, valid):
 
 def _residual_blocked(U, d, m, c1, valid, block_rows):
     """`_residual` in one pass over U, block by block."""
-    n, k = U.shape
-    full, tail = _row_blocks(n, block_rows)
+    full, tail = _row_blocks(U.shape[0], block_rows)
 
     def body(i, carry):
         p, c2, pp, pm = carry
         start = i * block_rows
         pb, c2b, ppb, pmb = _residual(
-            ops.slice(U, (start, 0), (block_rows, k)),
-            ops.slice(d, (start,), (block_rows,)),
-            ops.slice(m, (start,), (block_rows,)), c1, valid)
+            *(_rows(x, start, block_rows) for x in (U, d, m)), c1, valid)
         return (ops.slice_update(p, (start,), pb), c2 + c2b, pp + ppb,
                 pm + pmb)
 
@@ -219,18 +222,14 @@ def _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, block_rows):
     """`_rotate` block by block, writing U' over U (in place under XLA).
 
     Given θ, the carried output is θ - η·step, else the step."""
-    n, k = U.shape
-    full, tail = _row_blocks(n, block_rows)
+    full, tail = _row_blocks(U.shape[0], block_rows)
 
     def body(i, carry):
         U, out = carry
         start = i * block_rows
-        Ub, ob = _rotate(ops.slice(U, (start, 0), (block_rows, k)),
-                         ops.slice(p, (start,), (block_rows,)), A, b,
-                         ops.slice(m, (start,), (block_rows,)), w, a1,
-                         damping,
-                         None if theta is None else ops.slice(
-                             theta, (start,), (block_rows,)), eta)
+        Ub, pb, mb = (_rows(x, start, block_rows) for x in (U, p, m))
+        tb = None if theta is None else _rows(theta, start, block_rows)
+        Ub, ob = _rotate(Ub, pb, A, b, mb, w, a1, damping, tb, eta)
         return (ops.slice_update(U, (start, 0), Ub),
                 ops.slice_update(out, (start,), ob))
 

@@ -27,6 +27,7 @@ to it) and nothing extra is computed.
 """
 
 import functools
+import importlib
 import math
 import types
 
@@ -447,22 +448,17 @@ def _fisher_class(cls):
 
 
 def _register_like(new, cls):
-    try:
-        from keras.src.saving import object_registration
-
-        names = object_registration.GLOBAL_CUSTOM_NAMES
+    """Give ``new`` the serialization names Keras has for ``cls``."""
+    for module, table in (
+        ("keras.src.saving.object_registration", "GLOBAL_CUSTOM_NAMES"),
+        ("keras.src.api_export", "REGISTERED_OBJS_TO_NAMES"),
+    ):
+        try:
+            names = getattr(importlib.import_module(module), table)
+        except Exception:  # pragma: no cover - layout of a future Keras
+            continue
         if cls in names:
             names[new] = names[cls]
-    except Exception:  # pragma: no cover
-        pass
-    try:
-        from keras.src import api_export
-
-        to_names = api_export.REGISTERED_OBJS_TO_NAMES
-        if cls in to_names:
-            to_names[new] = to_names[cls]
-    except Exception:  # pragma: no cover
-        pass
 
 
 def with_fisher(model, sampler=None, seed=None):

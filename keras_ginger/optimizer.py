@@ -22,6 +22,7 @@ BLOCK_ROWS = 16384
 # n = 2e6: whole arrays 22, blocks 14.
 BLOCK_MIN_BYTES = 24 * 2**20
 
+
 def _jax_traced(x):
     """Whether x is a JAX tracer (inside jit), as Keras itself tests it."""
     try:

@@ -202,7 +202,7 @@ def test_optimizer_walks_only_large_traced_jax():
         assert seen == [keras_ginger.optimizer.BLOCK_ROWS, None]
 
 
-def test_walk_is_used(small_blocks):
+def test_walk_is_used(small_blocks, monkeypatch):
     """The fixture really routes the optimizer through the blocked walk."""
     calls = []
     real = curvature._rotate_blocked
@@ -211,11 +211,8 @@ def test_walk_is_used(small_blocks):
         calls.append(1)
         return real(*args, **kwargs)
 
-    curvature._rotate_blocked = spy
-    try:
-        var = keras.Variable(np.zeros(100, np.float32))
-        opt = Ginger(tau=4)
-        opt.apply([np.ones(100, np.float32)], [var])
-    finally:
-        curvature._rotate_blocked = real
+    monkeypatch.setattr(curvature, "_rotate_blocked", spy)
+    var = keras.Variable(np.zeros(100, np.float32))
+    opt = Ginger(tau=4)
+    opt.apply([np.ones(100, np.float32)], [var])
     assert calls
