@@ -212,9 +212,13 @@ def build_tiny_t5(
     encoder_sequence_length=128,
     decoder_sequence_length=32,
     seed=None,
+    package="keras_hub",
     **backbone_overrides,
 ):
     """A small randomly initialised `keras_hub.models.T5Seq2SeqLM`.
+
+    ``package="keras_nlp"`` builds it through KerasNLP's names
+    (`keras_nlp.models.T5Seq2SeqLM`, the same classes re-exported).
 
     `proto` is a SentencePiece proto (bytes or a path), e.g. from
     `train_sentencepiece`. The backbone is `TINY_T5_CONFIG` (2 encoder + 2
@@ -227,23 +231,25 @@ def build_tiny_t5(
 
     The model is returned uncompiled: see `compile_t5`.
     """
-    import keras
-    import keras_hub
+    import importlib
 
+    import keras
+
+    models = importlib.import_module(package).models
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    tokenizer = keras_hub.models.T5Tokenizer(proto=proto)
-    preprocessor = keras_hub.models.T5Seq2SeqLMPreprocessor(
+    tokenizer = models.T5Tokenizer(proto=proto)
+    preprocessor = models.T5Seq2SeqLMPreprocessor(
         tokenizer=tokenizer,
         encoder_sequence_length=encoder_sequence_length,
         decoder_sequence_length=decoder_sequence_length,
     )
     config = dict(TINY_T5_CONFIG)
     config.update(backbone_overrides)
-    backbone = keras_hub.models.T5Backbone(
+    backbone = models.T5Backbone(
         vocabulary_size=tokenizer.vocabulary_size(), **config
     )
-    return keras_hub.models.T5Seq2SeqLM(
+    return models.T5Seq2SeqLM(
         backbone=backbone, preprocessor=preprocessor
     )
 

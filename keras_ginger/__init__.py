@@ -3,15 +3,29 @@
     model = keras_ginger.with_fisher(model)   # sampled-label Fisher gradient
     model.compile(optimizer=keras_ginger.Ginger(tau=8), loss=...)
     model.fit(...)
+
+Modules, imports pointing one way (each imports only those above it):
+
+    _keras_compat   every Keras internal used, in one place
+    curvature       pure curvature math (no Keras state)
+    optimizer       `Ginger`, the Keras optimizer
+    samplers        label samplers (the model's predictive distribution)
+    fisher_loss     the Fisher loss whose gradient is d
+    train_step      train-step base: seeds, hand-over of g and d
+    trainers        the per-backend train steps (`FisherTrainStep`)
+    wrapping        `with_fisher` (the class swap)
+    callbacks       `CurvatureLogger`, `NonFiniteReporter`, plots
 """
 
 from keras_ginger import callbacks
 from keras_ginger import curvature
+from keras_ginger import samplers
+from keras_ginger.fisher_loss import fisher_loss
 from keras_ginger.optimizer import Ginger
-
-try:  # The Fisher train step (keras_ginger.fisher) lands separately.
-    from keras_ginger.fisher import FisherTrainStep, with_fisher
-except ImportError:  # pragma: no cover
-    pass
+from keras_ginger.trainers import FisherTrainStep
+from keras_ginger.wrapping import with_fisher
 
 __version__ = "0.1.0"
+
+__all__ = ["Ginger", "FisherTrainStep", "with_fisher", "fisher_loss",
+           "callbacks", "curvature", "samplers"]

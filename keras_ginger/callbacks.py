@@ -28,7 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_ginger.fisher import unwrap_optimizer
+from keras_ginger.train_step import unwrap_optimizer
 from keras_ginger.optimizer import _check_positive_int
 
 __all__ = ["CurvatureLogger", "plot_spectrum", "read_curvature_csv"]
@@ -50,6 +50,36 @@ def _import_tf_summary():
     import tensorflow as tf
 
     return tf.summary, tf.compat.v1.SummaryMetadata
+
+
+class _EveryNBatches:
+    """Counts training batches across epochs, as Keras's
+    `TensorBoard(update_freq=n)` does, and says when the count crosses a
+    multiple of n. With ``steps_per_execution > 1`` one `on_train_batch_end`
+    ends several batches: ``batch`` is the index of the last one, which
+    Keras reports as if the epoch's last, partial execution were full, so it
+    is capped at the epoch's length (``steps``, from the callback's
+    `params`) when that is known."""
+
+    def __init__(self, n):
+        self.n = n
+        self.seen = 0
+        self.in_epoch = 0
+
+    def new_epoch(self):
+        self.in_epoch = 0
+
+    def batch_end(self, batch, steps=None):
+        """Count the batches up to ``batch``; True when a multiple of n was
+        crossed (always False when n is None)."""
+        done = int(batch) + 1
+        if steps:
+            done = min(done, int(steps))
+        new = max(done - self.in_epoch, 1)
+        self.in_epoch = done
+        before = self.seen
+        self.seen += new
+        return self.n is not None and self.seen // self.n > before // self.n
 
 
 def _sigma_column(i):
@@ -137,8 +167,7 @@ class CurvatureLogger(keras.callbacks.Callback):
         self._csv_file = None
         self._csv_writer = None
         self._columns = None
-        self._batches_seen = 0
-        self._epoch_batches = 0
+        self._clock = _EveryNBatches(every_n_steps)
         self._epoch = 0
         self._last_step = None
         self._opt = None
@@ -182,20 +211,10 @@ class CurvatureLogger(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = int(epoch)
-        self._epoch_batches = 0
+        self._clock.new_epoch()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every_n_steps is None:
-            return
-        # `batch` is the index of the last batch run in this epoch (with
-        # steps_per_execution > 1, several batches end per call).
-        done = int(batch) + 1
-        new = max(done - self._epoch_batches, 1)
-        self._epoch_batches = done
-        before = self._batches_seen
-        self._batches_seen += new
-        n = self.every_n_steps
-        if self._batches_seen // n > before // n:
+        if self._clock.batch_end(batch, self.params.get("steps")):
             self._log()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -349,7 +368,7 @@ class CurvatureLogger(keras.callbacks.Callback):
 
 
 # --------------------------------------------------------------------------
-# Reading and plotting the CSV
+# Non-finite gradients
 
 
 class NonFiniteReporter(keras.callbacks.Callback):
@@ -364,7 +383,9 @@ class NonFiniteReporter(keras.callbacks.Callback):
     variable 'dense/kernel' at optimizer step 17 …".
 
     Args:
-        every_n_steps: None to check at each epoch end, or an int.
+        every_n_steps: None to check at each epoch end, or an int n to
+            check every n training batches (counted as `CurvatureLogger`
+            counts them, also under ``steps_per_execution > 1``).
         raise_error: raise `FloatingPointError` instead of warning.
     """
 
@@ -374,7 +395,7 @@ class NonFiniteReporter(keras.callbacks.Callback):
         self.every_n_steps = every_n_steps
         self.raise_error = raise_error
         self.reports = []
-        self._batches = 0
+        self._clock = _EveryNBatches(every_n_steps)
 
     def _check(self):
         ginger = _ginger_of(self.model.optimizer)
@@ -388,9 +409,13 @@ class NonFiniteReporter(keras.callbacks.Callback):
             raise FloatingPointError(report)
         warnings.warn(report, RuntimeWarning, stacklevel=2)
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._clock.new_epoch()
+
     def on_train_batch_end(self, batch, logs=None):
-        self._batches += 1
-        if self.every_n_steps and self._batches % self.every_n_steps == 0:
+        # Batches, not calls: with steps_per_execution > 1 one call ends
+        # several (as CurvatureLogger counts them).
+        if self._clock.batch_end(batch, self.params.get("steps")):
             self._check()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -398,6 +423,10 @@ class NonFiniteReporter(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._check()
+
+
+# --------------------------------------------------------------------------
+# Reading and plotting the CSV
 
 
 def read_curvature_csv(csv_path):

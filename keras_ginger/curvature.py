@@ -51,9 +51,9 @@ from keras import ops
 EPS32 = float(np.finfo(np.float32).eps)
 
 # Eigenvalues below NOISE_FACTOR·(k+1)·eps·λ_max are float32 noise of the
-# small eigensolve (measured on all three backends: |error| ≤ 1.25·(k+1)·eps·λ_max).
-# small eigensolve. They are set to exactly 0: at small damping a noise σ of
-# 1e-7·σ_max changes that direction's step by tens of percent.
+# small eigensolve (measured on all three backends: |error| ≤
+# 1.25·(k+1)·eps·λ_max). They are set to exactly 0: at small damping a noise
+# σ of 1e-7·σ_max changes that direction's step by tens of percent.
 NOISE_FACTOR = 2.0
 
 # The new direction p is dropped when ‖p‖ ≤ SPAN_FACTOR·sqrt(k+1)·eps·‖d‖,

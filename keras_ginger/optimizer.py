@@ -1,6 +1,7 @@
 """The Ginger optimizer: Keras glue around `keras_ginger.curvature`."""
 
 import collections
+import contextlib
 import math
 import numbers
 import re
@@ -11,6 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ginger import _keras_compat
 from keras_ginger import curvature
 
 # Rows of U per block when the update walks U in place (see
@@ -21,15 +23,6 @@ BLOCK_ROWS = 16384
 # (31 MiB) whole arrays 10 or 20 from one process to the next, blocks 13-14;
 # n = 2e6: whole arrays 22, blocks 14.
 BLOCK_MIN_BYTES = 24 * 2**20
-
-
-def _jax_traced(x):
-    """Whether x is a JAX tracer (inside jit), as Keras itself tests it."""
-    try:
-        from keras.src.utils.jax_utils import is_in_jax_tracing_scope
-    except ImportError:  # pragma: no cover - layout of a future Keras
-        return True
-    return is_in_jax_tracing_scope(x)
 
 
 def _check_hyperparameters(tau, beta_1, beta_2, damping):
@@ -108,6 +101,42 @@ def _basis_layout(layout):
     if first is None:
         return None
     return keras.distribution.TensorLayout((first, None), layout.device_mesh)
+
+
+class _PerReplica:
+    """A value per thread, and under tf.distribute per replica: Keras's
+    LossScaleOptimizer applies each replica's update in a thread of its own
+    (`call_for_each_replica` inside a merge call), not in the thread that
+    ran the replica's train step, so the replica id is the key there."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+        self._values = {}
+
+    def _key(self):
+        if self._optimizer._replicas() > 1:
+            from keras_ginger import tf_distribute  # imports TensorFlow
+
+            replica = tf_distribute.replica_id()
+            if replica is not None:
+                return ("replica", replica)
+        return ("thread", threading.get_ident())
+
+    def get(self):
+        return self._values.get(self._key())
+
+    @contextlib.contextmanager
+    def holding(self, value):
+        key = self._key()
+        previous = self._values.get(key)
+        self._values[key] = value
+        try:
+            yield
+        finally:
+            if previous is None:
+                self._values.pop(key, None)
+            else:
+                self._values[key] = previous
 
 
 @keras.saving.register_keras_serializable(package="keras_ginger")
@@ -214,10 +243,11 @@ class Ginger(keras.optimizers.Optimizer):
         self.exclude_from_curvature = exclude_from_curvature
         self.max_curvature_size = max_curvature_size
         self.curvature_interval = int(curvature_interval)
-        # {variable index: d} during one apply(), and d handed from
-        # stateless_apply to apply: thread-local, since tf.distribute runs
-        # one apply() per replica in parallel threads.
-        self._local = threading.local()
+        # d handed to the next apply() (`using_fisher_grads`), and
+        # {variable index: d} during one apply(): per thread and per
+        # tf.distribute replica, which run apply() in parallel threads.
+        self._handed_fisher = _PerReplica(self)
+        self._fisher_by_index = _PerReplica(self)
         self._warned_empirical = False
 
     # ------------------------------------------------------------------ state
@@ -234,7 +264,7 @@ class Ginger(keras.optimizers.Optimizer):
         self._momentums, self._bases, self._sigmas = [], [], []
         self._fisher_accumulators = []
         for var in var_list:
-            if self._overwrite_variable_with_gradient(var):
+            if _keras_compat.overwrites_with_gradient(self, var):
                 for slots in (self._momentums, self._bases, self._sigmas,
                               self._fisher_accumulators):
                     slots.append(None)
@@ -242,7 +272,7 @@ class Ginger(keras.optimizers.Optimizer):
             n = int(np.prod(var.shape))
             k = min(self.tau, n)
             prefix = var.path.replace("/", "_")
-            layout = getattr(var, "_layout", None)
+            layout = _keras_compat.variable_layout(var)
             self._momentums.append(self.add_variable(
                 var.shape, dtype="float32", name=f"{prefix}_momentum",
                 layout=layout))
@@ -283,7 +313,7 @@ class Ginger(keras.optimizers.Optimizer):
         updates, i.e. after gradient accumulation). A train step may skip
         computing d_t when it is False.
         """
-        step = self._iterations
+        step = _keras_compat.micro_step(self)
         if self.gradient_accumulation_steps:
             step = step // self.gradient_accumulation_steps
         return ops.equal(step % self.curvature_interval, 0)
@@ -295,7 +325,7 @@ class Ginger(keras.optimizers.Optimizer):
         step, idx = (int(x) for x in ops.convert_to_numpy(self._nonfinite))
         if step == 0:
             return None
-        var = self._trainable_variables[idx]
+        var = _keras_compat.tracked_variables(self)[idx]
         return (f"Ginger: non-finite gradient or Fisher gradient for variable "
                 f"'{var.path}' at optimizer step {step} (last occurrence); "
                 "that update was guarded: no non-finite value entered the "
@@ -307,7 +337,7 @@ class Ginger(keras.optimizers.Optimizer):
         The curvature estimate is U diag(σ) Uᵀ over the flattened variable.
         """
         self._check_built("get_curvature")
-        idx = self._get_variable_index(variable)
+        idx = _keras_compat.variable_index(self, variable)
         if self._bases[idx] is None:
             raise ValueError(
                 f"Variable {variable.path} has no curvature state: it uses "
@@ -328,32 +358,31 @@ class Ginger(keras.optimizers.Optimizer):
     def apply_gradients(self, grads_and_vars, fisher_grads=None):
         grads, trainable_variables = zip(*grads_and_vars)
         self.apply(grads, trainable_variables, fisher_grads=fisher_grads)
-        return self._iterations
+        # As Keras's own `apply_gradients` (for tf.keras compatibility).
+        return _keras_compat.micro_step(self)
 
-    @property
-    def _fisher(self):
-        return getattr(self._local, "fisher", None)
+    def using_fisher_grads(self, fisher_grads):
+        """Context manager: hands d to the next `apply` of this optimizer.
 
-    @_fisher.setter
-    def _fisher(self, value):
-        self._local.fisher = value
+        Inside it, ``apply(grads, variables)`` (without ``fisher_grads``)
+        takes ``fisher_grads`` from here. This is how d reaches Ginger
+        through a wrapper that only knows about g, e.g.
+        `keras.optimizers.LossScaleOptimizer`:
 
-    @property
-    def _pending_fisher(self):
-        return getattr(self._local, "pending", None)
+            with ginger.using_fisher_grads(ds):
+                loss_scale_optimizer.apply(grads, variables)
 
-    @_pending_fisher.setter
-    def _pending_fisher(self, value):
-        self._local.pending = value
+        The hand-over is per thread, and under `tf.distribute` per replica
+        (a replica's `apply` may run in another thread than its train step),
+        so concurrent replicas never see each other's d.
+        """
+        return self._handed_fisher.holding(fisher_grads)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables,
                         fisher_grads=None):
-        self._pending_fisher = fisher_grads
-        try:
+        with self.using_fisher_grads(fisher_grads):
             return super().stateless_apply(
                 optimizer_variables, grads, trainable_variables)
-        finally:
-            self._pending_fisher = None
 
     def apply(self, grads, trainable_variables=None, fisher_grads=None):
         """Apply g (``grads``) and, optionally, d (``fisher_grads``).
@@ -366,21 +395,20 @@ class Ginger(keras.optimizers.Optimizer):
                 Unscaled by `loss_scale_factor` like `grads`.
         """
         grads = list(grads)
-        if fisher_grads is None and self._pending_fisher is not None:
-            fisher_grads = self._pending_fisher
+        if fisher_grads is None:
+            fisher_grads = self._handed_fisher.get()
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
             if not self.built and grads:
                 with keras.name_scope(self.name, caller=self):
                     self.build(trainable_variables)
                 self.built = True
-        variables = (self._trainable_variables if trainable_variables is None
+        variables = (_keras_compat.tracked_variables(self)
+                     if trainable_variables is None
                      else trainable_variables)
-        self._fisher = self._collect_fisher(grads, variables, fisher_grads)
-        try:
+        collected = self._collect_fisher(grads, variables, fisher_grads)
+        with self._fisher_by_index.holding(collected):
             super().apply(grads, trainable_variables)
-        finally:
-            self._fisher = None
 
     def _collect_fisher(self, grads, variables, fisher_grads):
         if fisher_grads is None:
@@ -395,6 +423,13 @@ class Ginger(keras.optimizers.Optimizer):
                     stacklevel=3,
                 )
             return {}
+        if not isinstance(fisher_grads, (list, tuple)):
+            raise ValueError(
+                "Argument `fisher_grads` must be a list (or tuple) with one "
+                "Fisher gradient per variable, like `grads`. Received: "
+                f"{type(fisher_grads).__name__} "
+                f"{getattr(fisher_grads, 'shape', '')}".rstrip()
+            )
         fisher_grads = list(fisher_grads)
         if len(fisher_grads) != len(grads):
             raise ValueError(
@@ -412,7 +447,7 @@ class Ginger(keras.optimizers.Optimizer):
                     f"variable {var.path}, {tuple(var.shape)}. Received: "
                     f"shape {tuple(d.shape)}"
                 )
-        indices = [self._get_variable_index(v) for v in variables]
+        indices = [_keras_compat.variable_index(self, v) for v in variables]
         return {idx: self._prepare_fisher(d, idx)
                 for d, idx in zip(fisher_grads, indices) if d is not None}
 
@@ -425,23 +460,29 @@ class Ginger(keras.optimizers.Optimizer):
         if acc is None or self._bases[idx] is None:
             return d
         steps = self.gradient_accumulation_steps
-        is_update = ops.equal((self._iterations + 1) % steps, 0)
+        is_update = ops.equal((_keras_compat.micro_step(self) + 1) % steps, 0)
         total = acc + d
         self.assign(acc, ops.where(is_update, ops.zeros_like(total), total))
         return total / math.sqrt(steps)
 
     # ----------------------------------------------------------------- update
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        strategy = getattr(self, "_distribution_strategy", None)
-        if strategy is not None and strategy.num_replicas_in_sync > 1:
+        if self._replicas() > 1:
             # tf.distribute: all-reduce g and d, update in a merge call.
-            from keras_ginger import tf_distribute
+            from keras_ginger import tf_distribute  # imports TensorFlow
 
-            fisher = [self._fisher.get(self._get_variable_index(v))
-                      if self._fisher else None for v in trainable_variables]
+            collected = self._fisher_by_index.get() or {}
+            fisher = [collected.get(_keras_compat.variable_index(self, v))
+                      for v in trainable_variables]
             return tf_distribute.distributed_update_step(
                 self, grads, trainable_variables, fisher, learning_rate)
         self._update_variables(grads, trainable_variables, learning_rate)
+
+    def _replicas(self):
+        """Replicas of the tf.distribute strategy this optimizer was made
+        under (1 on JAX, torch and without a strategy)."""
+        strategy = _keras_compat.distribution_strategy(self)
+        return 1 if strategy is None else strategy.num_replicas_in_sync
 
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
@@ -460,13 +501,13 @@ class Ginger(keras.optimizers.Optimizer):
         entries = []
         event = ops.convert_to_tensor(self._nonfinite)
         for i, (grad, var) in enumerate(zip(grads, variables)):
-            idx = self._get_variable_index(var)
+            idx = _keras_compat.variable_index(self, var)
             g = ops.reshape(ops.cast(ops.convert_to_tensor(grad), "float32"),
                             (-1,))
             if fisher is not None:
                 d = fisher[i]
             else:
-                d = self._fisher.get(idx) if self._fisher else None
+                d = (self._fisher_by_index.get() or {}).get(idx)
             d = g if d is None else ops.reshape(d, (-1,))
             g_ok = ops.all(ops.isfinite(g))
             d_ok = ops.all(ops.isfinite(d))
@@ -535,7 +576,7 @@ class Ginger(keras.optimizers.Optimizer):
         if (keras.backend.backend() != "jax"
                 or 4 * math.prod(U.shape) < BLOCK_MIN_BYTES
                 or keras.distribution.distribution() is not None
-                or not _jax_traced(U)):
+                or not _keras_compat.is_in_jax_tracing_scope(U)):
             return None
         devices = keras.distribution.list_devices()
         if devices and not str(devices[0]).lower().startswith("cpu"):
@@ -602,10 +643,7 @@ class Ginger(keras.optimizers.Optimizer):
         return config
 
 
-try:  # The standard keyword documentation, as Keras's own optimizers use it.
-    from keras.src.optimizers.optimizer import base_optimizer_keyword_args
-except ImportError:  # pragma: no cover
-    base_optimizer_keyword_args = "**kwargs: standard Keras optimizer keywords."
+# The standard keyword documentation, as Keras's own optimizers use it.
 Ginger.__doc__ = Ginger.__doc__.replace(
-    "{{base_optimizer_keyword_args}}", base_optimizer_keyword_args
-)
+    "{{base_optimizer_keyword_args}}",
+    _keras_compat.base_optimizer_keyword_args)

@@ -1,6 +1,7 @@
 """Multi-device Ginger runs, one process per backend setting.
 
     python -m tests.distributed_script jax|tensorflow|jax_model_parallel OUT
+    python -m tests.distributed_script tensorflow_combos OUT
 
 Simulated devices must be configured before the backend starts, hence a
 separate process: JAX with XLA_FLAGS=--xla_force_host_platform_device_count=4
@@ -8,13 +9,18 @@ and keras.distribution.DataParallel; TensorFlow with four logical CPUs and
 tf.distribute.MirroredStrategy. Each run trains the same model on the same
 global batches on one device and on four, with the sampled-Fisher train step,
 and saves both sets of weights (and curvature) to OUT (.npz).
+
+``tensorflow_combos``: MirroredStrategy on 2 logical CPUs against one
+device, in the four combinations of with/without a LossScaleOptimizer and
+with/without `with_fisher` (without it d = g, the empirical Fisher).
 """
 
 import os
 import sys
+import warnings
 
 MODE, OUT = sys.argv[1], sys.argv[2]
-DEVICES = 4
+DEVICES = 2 if MODE == "tensorflow_combos" else 4
 if MODE.startswith("jax"):
     os.environ["KERAS_BACKEND"] = "jax"
     os.environ["XLA_FLAGS"] = (
@@ -27,7 +33,7 @@ import numpy as np  # noqa: E402
 
 import keras_ginger  # noqa: E402
 
-if MODE == "tensorflow":
+if MODE.startswith("tensorflow"):
     import tensorflow as tf
 
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -91,9 +97,61 @@ def model_parallel():
              shard_rows=np.array(sorted(shard_rows)), n=U.shape[0])
 
 
+def combos():
+    """{(loss_scale, fisher): (one-device weights, 2-replica weights)}."""
+    strategy = tf.distribute.MirroredStrategy(
+        [f"/cpu:{i}" for i in range(DEVICES)])
+    assert strategy.num_replicas_in_sync == DEVICES
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((64, 5)).astype("float32")
+    Y = rng.standard_normal((64, 3)).astype("float32")
+    out = {}
+    for loss_scale in (False, True):
+        for fisher in (False, True):
+            weights = []
+            for scope in (None, strategy):
+                keras.utils.set_random_seed(0)
+                with scope.scope() if scope else _null():
+                    model = keras.Sequential([
+                        keras.Input((5,)),
+                        keras.layers.Dense(8, activation="tanh"),
+                        keras.layers.Dense(3),
+                    ])
+                    if fisher:
+                        keras_ginger.with_fisher(model, sampler=shifted_mean)
+                    # A run that trains (loss falls): parity of a diverging
+                    # run would only measure chaos.
+                    opt = keras_ginger.Ginger(learning_rate=0.01, tau=4,
+                                              damping=0.1)
+                    if loss_scale:
+                        opt = keras.optimizers.LossScaleOptimizer(opt)
+                    model.compile(optimizer=opt, loss="mse")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # empirical-Fisher note
+                    history = model.fit(X, Y, batch_size=16, epochs=3,
+                                        shuffle=False, verbose=0)
+                losses = history.history["loss"]
+                assert losses[-1] < losses[0], losses
+                weights.append([np.asarray(w) for w in model.get_weights()])
+            key = f"{'lso' if loss_scale else 'plain'}_" \
+                  f"{'fisher' if fisher else 'empirical'}"
+            for i, (a, b) in enumerate(zip(*weights)):
+                out[f"{key}_single_{i}"] = a
+                out[f"{key}_multi_{i}"] = b
+    np.savez(OUT, **out)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def main():
     if MODE == "jax_model_parallel":
         return model_parallel()
+    if MODE == "tensorflow_combos":
+        return combos()
     single, M_single = train(build(shifted_mean))
     if MODE == "jax":
         keras.distribution.set_distribution(keras.distribution.DataParallel(

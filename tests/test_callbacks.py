@@ -327,3 +327,39 @@ def test_nonfinite_batch_mid_fit_is_reported_and_never_saved(tmp_path):
     for v in loaded.optimizer.variables + loaded.weights:
         assert np.all(np.isfinite(keras.ops.convert_to_numpy(v))), v.path
     assert int(loaded.optimizer.iterations) == 4
+
+
+@pytest.mark.parametrize("spe", [
+    1,
+    pytest.param(4, marks=pytest.mark.skipif(
+        BACKEND == "torch",
+        reason="Keras: steps_per_execution must be 1 with PyTorch")),
+])
+def test_nonfinite_reporter_counts_batches_like_curvature_logger(spe):
+    """every_n_steps means batches for both callbacks, also when one call
+    runs several (steps_per_execution > 1): they fire at the same steps."""
+    from keras_ginger.callbacks import NonFiniteReporter
+
+    class BatchChecks(NonFiniteReporter):
+        def _check(self):
+            self.steps.append(int(self.model.optimizer.iterations))
+
+        def on_epoch_end(self, epoch, logs=None):
+            pass
+
+        def on_train_end(self, logs=None):
+            pass
+
+    x, y = _data()
+    model = _model(spe=spe)
+    reporter = BatchChecks(every_n_steps=4)
+    reporter.steps = []
+    logger = CurvatureLogger(every_n_steps=4)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0,
+              callbacks=[reporter, logger])
+    logged = sorted({r["step"] for r in logger.records})
+    # 12 batches: every 4th with one batch per call; with 4 per call the
+    # calls end at batches 4, 6, 10, 12 (Keras reports the 6th as the 8th:
+    # capped at the epoch's 6), and 4, 10 (crossing 8), 12 fire.
+    assert logged == ([4, 8, 12] if spe == 1 else [4, 10, 12])
+    assert reporter.steps == logged

@@ -56,7 +56,7 @@ def test_quickstart_one_train_step(name):
     init = quickstart.build_cnn(0).get_weights()
     model = quickstart.compiled_model(name, init, run_eagerly=True)
     if name == "ginger":
-        from keras_ginger.fisher import FisherTrainStep
+        from keras_ginger import FisherTrainStep
 
         assert isinstance(model, FisherTrainStep)
     before = _weights(model)

@@ -11,16 +11,17 @@ accumulates d, d dᵀ and (d dᵀ)² in its own variables, so the recording
 works inside jit-compiled train steps on every backend.
 """
 
+import contextlib
 import numpy as np
 import pytest
 
 import keras
 from keras import ops
 
-from keras_ginger import fisher as fisher_module
+from keras_ginger import train_step as train_step_module
 from keras_ginger import samplers
-from keras_ginger.fisher import FisherTrainStep
-from keras_ginger.fisher import with_fisher
+from keras_ginger import FisherTrainStep
+from keras_ginger import with_fisher
 
 BACKEND = keras.backend.backend()
 # Keras's torch trainer supports steps_per_execution == 1 only.
@@ -46,17 +47,23 @@ class RecordingSGD(keras.optimizers.SGD):
         self.sum_dd2 = self.add_variable((p, p), name="sum_dd2")
         self.history = self.add_variable((self.history_size, p), name="history")
 
+    @contextlib.contextmanager
+    def using_fisher_grads(self, fisher_grads):
+        # The hand-over protocol (see keras_ginger.train_step); one thread.
+        self._pending = fisher_grads
+        try:
+            yield
+        finally:
+            self._pending = None
+
     def stateless_apply(
         self, optimizer_variables, grads, trainable_variables, fisher_grads=None
     ):
         # The base stateless_apply calls self.apply(grads) in a StatelessScope.
-        self._pending = fisher_grads
-        try:
+        with self.using_fisher_grads(fisher_grads):
             return super().stateless_apply(
                 optimizer_variables, grads, trainable_variables
             )
-        finally:
-            self._pending = None
 
     def apply(self, grads, trainable_variables=None, fisher_grads=None):
         if fisher_grads is None:
@@ -471,7 +478,7 @@ def test_fit_modes_and_seed_advances(jit_compile, spe):
             assert not np.allclose(ds[i], ds[j]), (i, j)
     # Counter-based seeds: step t draws from (base, SEED_STRIDE·t); the
     # last step (t = 5) drew one seed (one output). The base is unchanged.
-    from keras_ginger.fisher import SEED_STRIDE
+    from keras_ginger.train_step import SEED_STRIDE
 
     np.testing.assert_array_equal(
         np_(model._fisher_seed_generator.state),
@@ -511,7 +518,7 @@ def test_plain_optimizer_is_plain_keras_and_does_no_fisher_work(
     def forbidden(*args, **kwargs):
         raise AssertionError("the Fisher loss must not be computed")
 
-    monkeypatch.setattr(fisher_module, "fisher_loss", forbidden)
+    monkeypatch.setattr(train_step_module, "fisher_loss", forbidden)
     rng = np.random.default_rng(7)
     x, y, sw = _data(rng)
     plain = _compile(_functional_mlp(), keras.optimizers.SGD(0.1, momentum=0.9),

@@ -241,6 +241,29 @@ def test_ginger_fisher_train_step_and_fit(proto, train_pairs):
     assert all(np.isfinite(a).all() for a in _weights(model))
 
 
+def test_keras_nlp_t5_trains_with_fisher(proto, train_pairs):
+    """The README's KerasNLP spelling: `keras_nlp.models.T5Seq2SeqLM` with
+    `with_fisher` + Ginger takes the sampled-label Fisher step."""
+    keras_nlp = pytest.importorskip("keras_nlp")
+    ginger = _ginger()
+    model = td.build_tiny_t5(proto, encoder_sequence_length=ENC_LEN,
+                             decoder_sequence_length=DEC_LEN, seed=0,
+                             dropout=0.0, num_layers=1, package="keras_nlp")
+    assert isinstance(model, keras_nlp.models.T5Seq2SeqLM)
+    model = ginger.with_fisher(model)
+    assert isinstance(model, keras_nlp.models.T5Seq2SeqLM)
+    assert isinstance(model, ginger.FisherTrainStep)
+    td.compile_t5(model, ginger.Ginger(learning_rate=1e-3, tau=4))
+    before = _weights(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.train_on_batch(td.to_features(train_pairs[:2]),
+                                   return_dict=True)
+    assert not [w for w in caught if "empirical Fisher" in str(w.message)]
+    assert np.isfinite(out["loss"])
+    assert any(not np.allclose(a, b) for a, b in zip(before, _weights(model)))
+
+
 class _LastFisher(keras.optimizers.SGD):
     """SGD that takes fisher_grads and keeps the last d, variable by variable."""
 

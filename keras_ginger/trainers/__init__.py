@@ -1,6 +1,6 @@
 """`FisherTrainStep` for the active Keras backend.
 
-Each backend module subclasses `keras_ginger.fisher.FisherTrainStepBase`
+Each backend module subclasses `keras_ginger.train_step.FisherTrainStepBase`
 with a `train_step` modelled on Keras's own (keras/src/backend/*/trainer.py):
 JAX stateless with `jax.vjp`, TensorFlow with a persistent `GradientTape`,
 PyTorch with `torch.autograd.grad`.
@@ -21,6 +21,4 @@ else:  # pragma: no cover
         f"torch backends. Received: KERAS_BACKEND={_backend!r}"
     )
 
-from keras_ginger.fisher import with_fisher  # noqa: E402
-
-__all__ = ["FisherTrainStep", "with_fisher"]
+__all__ = ["FisherTrainStep"]

@@ -2,12 +2,12 @@
 
 import jax
 import keras
-from keras import tree
 
-from keras_ginger import fisher
+from keras_ginger import _keras_compat
+from keras_ginger import train_step
 
 
-class FisherTrainStep(fisher.FisherTrainStepBase):
+class FisherTrainStep(train_step.FisherTrainStepBase):
     """Mixin: ``class Net(FisherTrainStep, keras.Model)``.
 
     With an optimizer that takes ``fisher_grads`` (Ginger), one forward pass
@@ -101,7 +101,7 @@ class FisherTrainStep(fisher.FisherTrainStepBase):
         unscaled_loss, y_pred, non_trainable_variables, metrics_variables = aux
 
         trainable_variables, optimizer_variables = (
-            fisher.stateless_apply_with_fisher(
+            train_step.stateless_apply_with_fisher(
                 self.optimizer,
                 optimizer_variables,
                 grads,
@@ -110,8 +110,8 @@ class FisherTrainStep(fisher.FisherTrainStepBase):
             )
         )
 
-        logs, metrics_variables = self._update_metrics_variables(
-            metrics_variables, unscaled_loss, x, y, y_pred, sample_weight
+        logs, metrics_variables = _keras_compat.update_metrics_variables(
+            self, metrics_variables, unscaled_loss, x, y, y_pred, sample_weight
         )
         state = (
             trainable_variables,

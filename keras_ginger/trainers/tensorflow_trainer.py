@@ -4,10 +4,10 @@ import warnings
 
 import tensorflow as tf
 from keras import tree
-from keras.src.losses import loss as loss_module
 from keras.utils import unpack_x_y_sample_weight
 
-from keras_ginger import fisher
+from keras_ginger import _keras_compat
+from keras_ginger import train_step
 
 
 def _dense(grads, variables):
@@ -17,7 +17,7 @@ def _dense(grads, variables):
             for g, v in zip(grads, variables)]
 
 
-class FisherTrainStep(fisher.FisherTrainStepBase):
+class FisherTrainStep(train_step.FisherTrainStepBase):
     """Mixin: ``class Net(FisherTrainStep, keras.Model)``.
 
     With an optimizer that takes ``fisher_grads`` (Ginger), one forward pass
@@ -32,19 +32,20 @@ class FisherTrainStep(fisher.FisherTrainStepBase):
         x, y, sample_weight = unpack_x_y_sample_weight(data)
 
         with tf.GradientTape(persistent=True) as tape:
-            if self._call_has_training_arg:
+            if _keras_compat.call_has_training_arg(self):
                 y_pred = self(x, training=True)
             else:
                 y_pred = self(x)
-            loss = self._compute_loss(
+            loss = _keras_compat.compute_loss(
+                self,
                 x=x,
                 y=y,
                 y_pred=y_pred,
                 sample_weight=sample_weight,
                 training=True,
             )
-            self._loss_tracker.update_state(
-                loss_module.unscale_loss_for_distribution(loss),
+            _keras_compat.loss_tracker(self).update_state(
+                _keras_compat.unscale_loss_for_distribution(loss),
                 sample_weight=tf.shape(
                     next(i for i in tree.flatten(x) if i is not None)
                 )[0],
@@ -68,7 +69,7 @@ class FisherTrainStep(fisher.FisherTrainStepBase):
                     lambda: [tf.zeros_like(v) for v in trainable_weights],
                 )
             del tape
-            fisher.apply_with_fisher(
+            train_step.apply_with_fisher(
                 self.optimizer, gradients, trainable_weights, fisher_gradients
             )
         else:

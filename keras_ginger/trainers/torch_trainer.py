@@ -6,10 +6,11 @@ import torch
 from keras import tree
 from keras.utils import unpack_x_y_sample_weight
 
-from keras_ginger import fisher
+from keras_ginger import _keras_compat
+from keras_ginger import train_step
 
 
-class FisherTrainStep(fisher.FisherTrainStepBase):
+class FisherTrainStep(train_step.FisherTrainStepBase):
     """Mixin: ``class Net(FisherTrainStep, keras.Model)``.
 
     With an optimizer that takes ``fisher_grads`` (Ginger), one forward pass
@@ -23,17 +24,17 @@ class FisherTrainStep(fisher.FisherTrainStepBase):
             return super().train_step(data)
         x, y, sample_weight = unpack_x_y_sample_weight(data)
 
-        if self._call_has_training_arg:
+        if _keras_compat.call_has_training_arg(self):
             y_pred = self(x, training=True)
         else:
             y_pred = self(x)
 
         self.zero_grad()
 
-        loss = self._compute_loss(
-            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+        loss = _keras_compat.compute_loss(
+            self, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
         )
-        self._loss_tracker.update_state(
+        _keras_compat.loss_tracker(self).update_state(
             loss,
             sample_weight=next(
                 i for i in tree.flatten(x) if i is not None
@@ -59,7 +60,7 @@ class FisherTrainStep(fisher.FisherTrainStepBase):
             else:  # curvature_interval > 1 and not due: skip the pass
                 fisher_gradients = [torch.zeros_like(p) for p in params]
             with torch.no_grad():
-                fisher.apply_with_fisher(
+                train_step.apply_with_fisher(
                     self.optimizer,
                     list(gradients),
                     trainable_weights,
