@@ -110,16 +110,16 @@ def format_metric(row):
     if not math.isfinite(m):
         return "diverged" if row["diverged"] else "–"
     kind = row.get("metric_kind", "pct")
+    pm = (lambda d: f" ± {s:.{d}f}") if row["seeds"] > 1 else (lambda d: "")
     if kind == "r2":
-        return f"R² {m:.3f} ± {s:.3f}"
+        return f"R² {m:.3f}{pm(3)}"
     if kind == "ppl":
-        return f"ppl {m:.3f} ± {s:.3f}"
+        return f"ppl {m:.3f}{pm(3)}"
     if kind == "rouge":
         f = row.get("final", {})
         parts = [f"{f[k][0]:.1f}" for k in ("rouge1", "rouge2")
                  if k in f and math.isfinite(f[k][0])]
-        return ("R-1/2/L " + " / ".join(parts + [f"{m:.1f}"])
-                + f" (± {s:.1f})")
+        return "R-1/2/L " + " / ".join(parts + [f"{m:.1f}"]) + pm(1)
     return f"{row['metric_label'].replace('val ', '')} {_fmt((m, s), pct=True)} %"
 
 
@@ -235,8 +235,11 @@ def markdown(rows, meta):
             f"{LABELS[o]} {_describe_optimizer(o, gd)}"
             for o in meta["optimizers"]) + ". Ginger trains through "
         "`keras_ginger.with_fisher` (sampled Fisher), the others through "
-        "the plain model. Keras's Muon orthogonalises 2-D kernels only; "
-        "other variables and those named \"embedding\" take its AdamW step.",
+        "the plain model."
+        + (" Keras's Muon orthogonalises the momentum of 2-D kernels only; "
+           "other variables (biases, norms, 3-D attention and 4-D conv "
+           "kernels) and those whose path contains \"embedding\" take its "
+           "AdamW step." if "muon" in meta["optimizers"] else ""),
         "",
         "Learning-rate grids: "
         + "; ".join(f"{LABELS[o]} "
@@ -250,9 +253,13 @@ def markdown(rows, meta):
     if info:
         lines += ["Tasks: " + "; ".join(
             f"{t} ({TASKS[t].title}"
-            + (": " + ", ".join(f"{k} {v}" for k, v in d.items())
+            + (": " + ", ".join(f"{k} {_short(v)}" for k, v in d.items())
                if d else "") + ")" for t, d in info.items()) + ".", ""]
     return "\n".join(lines)
+
+
+def _short(v):
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _pivot(rows, meta):

@@ -30,7 +30,7 @@ What it does:
 * Model: `t5_data.build_tiny_t5` (2+2 layers, hidden 64, dropout 0.1, tied
   embeddings), trained with Adam (lr `--lr`, default 3e-3, linear warm-up
   over 10 % of the steps, then cosine decay to 10 %), batch 16, token-mean
-  cross-entropy. A held-out 2 % of the segments gives a validation loss.
+  cross-entropy. 256 held-out segments give a validation loss.
 * Output, under `--cache-dir` (default
   `benchmarks/results/.cache/t5_pretrained/`), in a subfolder named by the
   settings (so that a --quick checkpoint never replaces the full one):
@@ -309,7 +309,7 @@ def pretrain(out_dir, *, verbose=1, log=print, **cfg):
     x, y, sw, n = make_examples(tokens, rng, sents, cfg["encoder_length"],
                                 cfg["decoder_length"], cfg["noise_density"],
                                 cfg["mean_span_length"])
-    n_val = max(1, len(y) // 50)
+    n_val = min(256, max(1, len(y) // 50))
     perm = np.random.default_rng(cfg["seed"] + 1).permutation(len(y))
     tr, va = perm[n_val:], perm[:n_val]
     take = lambda d, i: {k: v[i] for k, v in d.items()}  # noqa: E731
@@ -332,7 +332,7 @@ def pretrain(out_dir, *, verbose=1, log=print, **cfg):
              .shuffle(len(tr), seed=cfg["seed"], reshuffle_each_iteration=True)
              .repeat().batch(cfg["batch_size"], drop_remainder=True))
     val = tf.data.Dataset.from_tensor_slices(
-        (take(x, va), y[va], sw[va])).batch(256)
+        (take(x, va), y[va], sw[va])).batch(n_val)
     epochs = _epochs_for(steps)
     t1 = time.perf_counter()
     hist = model.fit(train, epochs=epochs, steps_per_epoch=steps // epochs,
