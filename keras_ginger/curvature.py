@@ -246,6 +246,61 @@ def _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, block_rows):
     return U, out
 
 
+def rotation(proj, sigma, V, damping, complete=False):
+    """The small-space part of `finish`: (A, b, w, a1), all O(k²).
+
+    U' = U A + p bᵀ (b is None for a complete basis), w = U'ᵀm̂ and
+    a1 = w/(γ+σ'), from the projection, the new eigenpairs (σ', V) and the
+    damping γ (a scalar, possibly a tensor: see the damping rule in
+    `keras_ginger.optimizer`).
+    """
+    k = V.shape[-1]
+    Vu, vq = V[:k], V[k]  # (k, k), (k,)
+    r = proj.r
+    inv_r = ops.where(proj.keep, 1.0 / ops.where(proj.keep, r, 1.0), 0.0)
+    # w = U'ᵀ m̂ = Vᵀ [Uᵀm̂; qᵀm̂],   qᵀm̂ = pm / r.
+    w = ops.matmul(ops.transpose(Vu), proj.um) + vq * (proj.pm * inv_r)
+    a1 = w / (damping + sigma)
+    if complete:
+        return Vu, None, w, a1
+    # q = (p - U c2)/r: fold the second Gram–Schmidt pass into Vu.
+    return Vu - ops.outer(proj.c2 * inv_r, vq), vq * inv_r, w, a1
+
+
+def rotate(U, p, A, b, m, w, a1, damping, complete=False, block_rows=None,
+           theta=None, eta=None):
+    """The pass over U: U' = U A + p bᵀ and the Woodbury step from U'.
+
+    Returns (U', step), or (U', θ - η·step) given ``theta`` and ``eta``.
+    """
+    if complete:
+        U_new = ops.matmul(U, A)
+        step = ops.matmul(U_new, a1)
+        return U_new, step if theta is None else theta - eta * step
+    if _row_blocks(U.shape[0], block_rows) is None:
+        return _rotate(U, p, A, b, m, w, a1, damping, theta, eta)
+    return _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta,
+                           block_rows)
+
+
+def step_norm(m_sq, w, sigma, damping, complete=False):
+    """‖(γI + U diag(σ) Uᵀ)⁻¹ m‖ from small-space quantities, no pass over U.
+
+    With w = Uᵀm (U orthonormal), m's part outside span(U) has squared norm
+    ‖m‖² - ‖w‖² and is divided by γ; the part inside by γ + σ:
+
+        ‖step‖² = (‖m‖² - ‖w‖²)/γ² + ‖w/(γ+σ)‖²        (complete: 2nd term)
+
+    ``m_sq`` is ‖m‖². Used by the grafting scale rule, which only needs the
+    norm, so the fused pass that writes θ' can stay one pass.
+    """
+    inside = ops.sum(ops.square(w / (damping + sigma)))
+    if complete:
+        return ops.sqrt(inside)
+    outside = ops.maximum(m_sq - ops.sum(w * w), 0.0) / ops.square(damping)
+    return ops.sqrt(outside + inside)
+
+
 def finish(U, proj, sigma, V, m, damping, complete=False, block_rows=None,
            theta=None, eta=None):
     """New basis U' = [U, q] V and the Woodbury step (γI + U'ΣU'ᵀ)⁻¹ m̂.
@@ -261,29 +316,15 @@ def finish(U, proj, sigma, V, m, damping, complete=False, block_rows=None,
     so that no difference of two large numbers is formed. Both products
     read U' rather than U: the old U is dead once U' is computed. With
     ``block_rows`` one pass over U writes U' and the step together.
+    `rotation` (small space) then `rotate` (the pass), for callers that
+    need w before the pass (a scale rule).
 
     Given ``theta`` (n,) and a scalar ``eta``, returns θ - η·step in place
     of the step, fused into the same pass: the step is never stored.
     """
-    k = U.shape[-1]
-    Vu, vq = V[:k], V[k]  # (k, k), (k,)
-    r = proj.r
-    inv_r = ops.where(proj.keep, 1.0 / ops.where(proj.keep, r, 1.0), 0.0)
-    # w = U'ᵀ m̂ = Vᵀ [Uᵀm̂; qᵀm̂],   qᵀm̂ = pm / r.
-    w = ops.matmul(ops.transpose(Vu), proj.um) + vq * (proj.pm * inv_r)
-    a1 = w / (damping + sigma)
-    if complete:
-        U_new = ops.matmul(U, Vu)
-        step = ops.matmul(U_new, a1)
-        return U_new, sigma, step if theta is None else theta - eta * step
-    # q = (p - U c2)/r: fold the second Gram–Schmidt pass into Vu.
-    Vu = Vu - ops.outer(proj.c2 * inv_r, vq)
-    b = vq * inv_r
-    if _row_blocks(U.shape[0], block_rows) is None:
-        U_new, out = _rotate(U, proj.p, Vu, b, m, w, a1, damping, theta, eta)
-    else:
-        U_new, out = _rotate_blocked(U, proj.p, Vu, b, m, w, a1, damping,
-                                     theta, eta, block_rows)
+    A, b, w, a1 = rotation(proj, sigma, V, damping, complete)
+    U_new, out = rotate(U, proj.p, A, b, m, w, a1, damping, complete,
+                        block_rows, theta, eta)
     return U_new, sigma, out
 
 
@@ -309,12 +350,15 @@ def ginger_update(U, sigma, d, m, beta_2, damping, complete=False,
                   block_rows=block_rows)
 
 
-def woodbury_step(U, sigma, m, damping, complete=False, theta=None, eta=None):
+def woodbury_step(U, sigma, m, damping, complete=False, theta=None, eta=None,
+                  w=None):
     """(γI + U diag(σ) Uᵀ)⁻¹ m without a curvature update (3 passes over U).
 
     Given ``theta`` and ``eta``, returns θ - η·step instead (as `finish`).
+    ``w`` = Uᵀm when the caller has it already.
     """
-    w = ops.matmul(m, U)
+    if w is None:
+        w = ops.matmul(m, U)
     a1 = w / (damping + sigma)
     if complete:
         step = ops.matmul(U, a1)

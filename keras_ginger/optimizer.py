@@ -4,7 +4,9 @@ import collections
 import contextlib
 import math
 import numbers
+import os
 import re
+import sys
 import threading
 import warnings
 
@@ -50,6 +52,63 @@ def _check_hyperparameters(tau, beta_1, beta_2, damping):
             "Argument `damping` must be a finite float > 0. "
             f"Received: damping={damping!r}"
         )
+
+
+GRAFTS = (None, "adam")
+
+
+def _check_scale_arguments(graft, relative_damping, graft_beta_2,
+                           graft_epsilon):
+    if graft not in GRAFTS:
+        raise ValueError(
+            f"Argument `graft` must be one of {GRAFTS}. Received: "
+            f"graft={graft!r}")
+    if not isinstance(relative_damping, bool):
+        raise ValueError(
+            "Argument `relative_damping` must be a bool. Received: "
+            f"relative_damping={relative_damping!r}")
+    if (isinstance(graft_beta_2, bool)
+            or not isinstance(graft_beta_2, numbers.Real)
+            or not 0.0 <= graft_beta_2 < 1.0):
+        raise ValueError(
+            "Argument `graft_beta_2` must be a float in [0, 1). "
+            f"Received: graft_beta_2={graft_beta_2!r}")
+    if (isinstance(graft_epsilon, bool)
+            or not isinstance(graft_epsilon, numbers.Real)
+            or not math.isfinite(graft_epsilon) or graft_epsilon <= 0):
+        raise ValueError(
+            "Argument `graft_epsilon` must be a finite float > 0. "
+            f"Received: graft_epsilon={graft_epsilon!r}")
+
+
+# Packages whose frames sit between the user's call and Ginger.apply (fit's
+# train function, the backends' tracing machinery).
+_LIBRARY_ROOTS = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (keras, np) if getattr(m, "__file__", None)
+) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+_LIBRARY_NAMES = ("tensorflow", "jax", "jaxlib", "torch", "contextlib",
+                  "threading")
+
+
+def _user_stacklevel():
+    """`warnings.warn` stacklevel of the innermost frame outside Keras,
+    keras-ginger, NumPy and the backends: the user's `fit()` or `apply()`
+    line, so that a warning points there."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        parts = path.split(os.sep)
+        inside = (path.startswith(_LIBRARY_ROOTS)
+                  or any(p in _LIBRARY_NAMES for p in parts)
+                  or path.endswith(("contextlib.py", "threading.py"))
+                  or frame.f_code.co_filename.startswith("<"))
+        if not inside:
+            return level
+        frame = frame.f_back
+        level += 1
+    return 2
 
 
 def _check_positive_int(name, value, allow_none=False):
@@ -103,6 +162,13 @@ def _basis_layout(layout):
     return keras.distribution.TensorLayout((first, None), layout.device_mesh)
 
 
+_Entry = collections.namedtuple(
+    "_Entry", "var idx d_ok d m eta g_ok lr adam")
+_Entry.__doc__ = "One variable's inputs to the update (flat float32)."
+_Adam = collections.namedtuple("_Adam", "v step norm")
+_Adam.__doc__ = "Adam's second moment, its step m̂/(√v̂+ε) and that norm."
+
+
 class _PerReplica:
     """A value per thread, and under tf.distribute per replica: Keras's
     LossScaleOptimizer applies each replica's update in a thread of its own
@@ -151,7 +217,27 @@ class Ginger(keras.optimizers.Optimizer):
 
         m_t = β₁ m_{t-1} + (1 - β₁) g_t,        m̂_t = m_t / (1 - β₁ᵗ)
         M_t = α M_{t-1} + (1 - α) d_t d_tᵀ      (kept at rank k)
-        θ_t = θ_{t-1} - η (γ I + M_t)⁻¹ m̂_t
+        θ_t = θ_{t-1} - η_t s_t (γ_t I + M_t)⁻¹ m̂_t
+
+    The paper's step (``graft=None, relative_damping=False``) has s_t = 1
+    and γ_t = γ: outside span(U) it is m̂/γ, SGD at rate η/γ, so its outcome
+    depends on the scale of the loss. By default the direction is kept and
+    its scale made independent of the loss scale:
+
+    * ``relative_damping=True``: γ_t = γ·σ₁, σ₁ the variable's largest
+      curvature eigenvalue (γ while M = 0), so (γ_t I + M_t)⁻¹ only sees the
+      shape of the spectrum;
+    * ``graft="adam"`` (distributed Shampoo's grafting, per variable): s_t
+      gives the step the norm of Keras Adam's step for that variable,
+      ‖m̂_t √(1-β₂'ᵗ)/(√v_t + ε)‖ with v_t = β₂' v_{t-1} + (1-β₂') g_t²
+      (β₂' = ``graft_beta_2``, ε = ``graft_epsilon``). The norm of the
+      Woodbury step is known in small space (`curvature.step_norm`).
+
+    Together, a loss multiplied by c gives the same updates (only Adam's ε
+    breaks this), the learning rate means what it means for Adam, and a
+    variable without curvature (`exclude_from_curvature`,
+    `max_curvature_size`) takes exactly Adam's step; with the curvature
+    switched off for every variable Ginger *is* `keras.optimizers.Adam`.
 
     g_t is the loss gradient; d_t the Fisher gradient, computed from labels
     sampled from the model's own predictions (see `keras_ginger.with_fisher`)
@@ -159,7 +245,8 @@ class Ginger(keras.optimizers.Optimizer):
     Fisher) and a one-time warning says how to get the sampled Fisher.
     Curvature is block-diagonal across variables. Memory: (τ+1)·n floats per
     preconditioned variable (U and the momentum) plus k for σ; n for one with
-    the identity preconditioner. Time is linear in n. The state is float32
+    the identity preconditioner; n more for v when grafting to Adam. Time is
+    linear in n. The state is float32
     whatever the variable dtype.
 
     Non-finite values never enter the state: a variable whose g_t has a
@@ -169,20 +256,24 @@ class Ginger(keras.optimizers.Optimizer):
 
     Args:
         learning_rate: η. A float, a `keras.optimizers.schedules` schedule,
-            or a callable. Defaults to `5e-3` (chosen with
-            benchmarks/convergence.py; see the README).
+            or a callable. Defaults to `1e-3` (Adam's: with grafting the
+            step has Adam's norm; chosen with benchmarks/convergence.py, see
+            benchmarks/README.md).
         tau: τ, the rank of the curvature approximation (a positive int).
             Defaults to `8`.
         beta_1: β₁, the momentum decay rate in [0, 1); 0 disables momentum.
             Defaults to `0.9`.
         beta_2: α in the paper, the decay rate of the curvature EMA, in
             [0, 1). Defaults to `0.99`.
-        damping: γ > 0, added to every eigenvalue of the curvature; the step
-            outside the rank-k subspace is m̂/γ, so learning_rate/damping
-            acts as an SGD learning rate there. Defaults to `1e-2`.
+        damping: γ > 0, added to every eigenvalue of the curvature: relative
+            to the largest eigenvalue σ₁ with `relative_damping` (the
+            default), absolute otherwise (then the step outside the rank-k
+            subspace is m̂/γ, and learning_rate/damping acts as an SGD
+            learning rate there unless grafted). Defaults to `0.1`.
         exclude_from_curvature: list of regular expressions; a variable
             whose path matches one (`re.search`) gets the identity
-            preconditioner (step m̂/γ) and no curvature state. Like
+            preconditioner (Adam's step when grafting to Adam, else m̂/γ)
+            and no curvature state. Like
             `exclude_from_weight_decay`, e.g. `["embeddings", "bias"]`.
         max_curvature_size: int or None. Variables with more entries get the
             identity preconditioner, so that e.g. a 32k-token embedding need
@@ -190,6 +281,17 @@ class Ginger(keras.optimizers.Optimizer):
         curvature_interval: int ≥ 1. The curvature takes d_t every this many
             updates; on the other updates the step reuses (U, σ) and the
             Fisher pass can be skipped (see `fisher_due()`). Defaults to 1.
+        graft: how the preconditioned direction is scaled: `"adam"` (the
+            default) gives each variable's step the norm of Adam's step and
+            keeps Adam's second moment v (one more float per parameter);
+            None keeps the paper's scale (η times the Woodbury step).
+        relative_damping: bool; True (the default) uses γ·σ₁ as the damping
+            of each variable, False the paper's absolute γ. The paper's
+            algorithm, bit for bit: ``graft=None, relative_damping=False``.
+        graft_beta_2: β₂' of Adam's second moment for grafting, in [0, 1).
+            Defaults to `0.999` (Adam's).
+        graft_epsilon: ε of Adam's step for grafting, > 0. Defaults to
+            `1e-7` (Keras Adam's).
         {{base_optimizer_keyword_args}}
     """
 
@@ -197,14 +299,18 @@ class Ginger(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        learning_rate=5e-3,
+        learning_rate=1e-3,
         tau=8,
         beta_1=0.9,
         beta_2=0.99,
-        damping=1e-2,
+        damping=1e-1,
         exclude_from_curvature=None,
         max_curvature_size=None,
         curvature_interval=1,
+        graft="adam",
+        relative_damping=True,
+        graft_beta_2=0.999,
+        graft_epsilon=1e-7,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -221,6 +327,8 @@ class Ginger(keras.optimizers.Optimizer):
         _check_positive_int("max_curvature_size", max_curvature_size,
                             allow_none=True)
         _check_positive_int("curvature_interval", curvature_interval)
+        _check_scale_arguments(graft, relative_damping, graft_beta_2,
+                               graft_epsilon)
         exclude_from_curvature = _check_patterns(exclude_from_curvature)
         super().__init__(
             learning_rate=learning_rate,
@@ -243,6 +351,10 @@ class Ginger(keras.optimizers.Optimizer):
         self.exclude_from_curvature = exclude_from_curvature
         self.max_curvature_size = max_curvature_size
         self.curvature_interval = int(curvature_interval)
+        self.graft = graft
+        self.relative_damping = relative_damping
+        self.graft_beta_2 = float(graft_beta_2)
+        self.graft_epsilon = float(graft_epsilon)
         # d handed to the next apply() (`using_fisher_grads`), and
         # {variable index: d} during one apply(): per thread and per
         # tf.distribute replica, which run apply() in parallel threads.
@@ -262,11 +374,12 @@ class Ginger(keras.optimizers.Optimizer):
             return
         super().build(var_list)
         self._momentums, self._bases, self._sigmas = [], [], []
-        self._fisher_accumulators = []
+        self._fisher_accumulators, self._second_moments = [], []
         for var in var_list:
             if _keras_compat.overwrites_with_gradient(self, var):
                 for slots in (self._momentums, self._bases, self._sigmas,
-                              self._fisher_accumulators):
+                              self._fisher_accumulators,
+                              self._second_moments):
                     slots.append(None)
                 continue
             n = int(np.prod(var.shape))
@@ -289,6 +402,12 @@ class Ginger(keras.optimizers.Optimizer):
                                   name=f"{prefix}_fisher_accumulator")
                 if self.gradient_accumulation_steps and curved else None
             )
+            # Adam's second moment v, for the grafted step norm.
+            self._second_moments.append(
+                self.add_variable(var.shape, dtype="float32",
+                                  name=f"{prefix}_second_moment",
+                                  layout=layout)
+                if self.graft == "adam" else None)
         # (1 + step, variable index) of the last non-finite g or d; 0 = none.
         self._nonfinite = self.add_variable((2,), dtype="int32",
                                             name="nonfinite_event")
@@ -380,6 +499,9 @@ class Ginger(keras.optimizers.Optimizer):
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables,
                         fisher_grads=None):
+        if fisher_grads is None:  # keep what `using_fisher_grads` handed
+            return super().stateless_apply(
+                optimizer_variables, grads, trainable_variables)
         with self.using_fisher_grads(fisher_grads):
             return super().stateless_apply(
                 optimizer_variables, grads, trainable_variables)
@@ -420,7 +542,7 @@ class Ginger(keras.optimizers.Optimizer):
                     "Fisher the method is built on, wrap the model with "
                     "`model = keras_ginger.with_fisher(model)` before "
                     "`fit()`, or pass `fisher_grads=` to `apply()`.",
-                    stacklevel=3,
+                    stacklevel=_user_stacklevel(),
                 )
             return {}
         if not isinstance(fisher_grads, (list, tuple)):
@@ -516,16 +638,19 @@ class Ginger(keras.optimizers.Optimizer):
                 ops.convert_to_tensor(
                     [ops.cast(self.iterations + 1, "int32"),
                      ops.convert_to_tensor(idx, "int32")]))
+            g0 = ops.where(g_ok, g, 0.0)
             m_old = ops.reshape(
                 ops.convert_to_tensor(self._momentums[idx]), (-1,))
             m = ops.where(
-                g_ok, m_old + (1.0 - self.beta_1) * (ops.where(g_ok, g, 0.0)
-                                                     - m_old), m_old)
+                g_ok, m_old + (1.0 - self.beta_1) * (g0 - m_old), m_old)
             # θ' = θ - η_t·step(m), η_t = lr/(1 - β₁ᵗ): the step is linear
             # in the momentum, so m̂ need not be stored. 0 when g is bad.
             eta = ops.where(g_ok, lr / bias, 0.0)
-            entries.append((var, idx, d_ok, d, m, eta))
-        curved = [e for e in entries if self._bases[e[1]] is not None]
+            adam = None
+            if self.graft == "adam":
+                adam = self._adam_step(idx, g_ok, g0, m, t, bias)
+            entries.append(_Entry(var, idx, d_ok, d, m, eta, g_ok, lr, adam))
+        curved = [e for e in entries if self._bases[e.idx] is not None]
         if self.curvature_interval == 1:
             results = self._refresh_curvature(curved)
         else:
@@ -533,20 +658,66 @@ class Ginger(keras.optimizers.Optimizer):
                                lambda: self._refresh_curvature(curved),
                                lambda: self._reuse_curvature(curved))
         thetas = {}
-        for (var, idx, *_), (U_new, sigma_new, theta) in zip(curved, results):
-            self.assign(self._bases[idx], U_new)
-            self.assign(self._sigmas[idx], sigma_new)
-            thetas[idx] = theta
-        for var, idx, d_ok, d, m, eta in entries:
-            self.assign(self._momentums[idx], ops.reshape(m, var.shape))
-            if idx in thetas:
-                self.assign(var, ops.cast(ops.reshape(thetas[idx], var.shape),
-                                          var.dtype))
-            else:  # identity preconditioner: the step is m̂/γ
-                step = (eta / self.damping) * m
-                self.assign_sub(var, ops.cast(ops.reshape(step, var.shape),
-                                              var.dtype))
+        for e, (U_new, sigma_new, theta) in zip(curved, results):
+            self.assign(self._bases[e.idx], U_new)
+            self.assign(self._sigmas[e.idx], sigma_new)
+            thetas[e.idx] = theta
+        for e in entries:
+            var = e.var
+            self.assign(self._momentums[e.idx], ops.reshape(e.m, var.shape))
+            if e.adam is not None:
+                self.assign(self._second_moments[e.idx],
+                            ops.reshape(e.adam.v, var.shape))
+            if e.idx in thetas:
+                self.assign(var, ops.cast(
+                    ops.reshape(thetas[e.idx], var.shape), var.dtype))
+            else:
+                self.assign_sub(var, ops.cast(
+                    ops.reshape(self._identity_step(e), var.shape),
+                    var.dtype))
         self.assign(self._nonfinite, event)
+
+    # ------------------------------------------------ damping and scale rules
+    def _adam_step(self, idx, g_ok, g0, m, t, bias):
+        """Adam's second moment v and Keras Adam's step direction (flat):
+        m̂·√(1-β₂ᵗ)/(√v + ε), i.e. ε added to √v as `keras.optimizers.Adam`
+        adds it, so that with the curvature off the update is Adam()'s."""
+        v_old = ops.reshape(
+            ops.convert_to_tensor(self._second_moments[idx]), (-1,))
+        b2 = self.graft_beta_2
+        v = ops.where(g_ok, v_old + (1.0 - b2) * (g0 * g0 - v_old), v_old)
+        bias_2 = 1.0 - ops.power(ops.cast(b2, "float32"), t)
+        step = (m / bias) * ops.sqrt(bias_2) / (ops.sqrt(v)
+                                                + self.graft_epsilon)
+        return _Adam(v, step, ops.sqrt(ops.sum(step * step)))
+
+    def _damping_for(self, sigma):
+        """The damping rule: γ, or with `relative_damping` γ·σ₁ (σ₁ the
+        variable's largest curvature eigenvalue; γ itself while σ₁ = 0,
+        when the direction is m̂ whatever the damping)."""
+        if not self.relative_damping:
+            return self.damping
+        top = sigma[0]
+        return self.damping * ops.where(top > 0.0, top, 1.0)
+
+    def _rate(self, e, w, sigma, damping, complete):
+        """The scale rule: the η that multiplies the Woodbury direction of
+        the raw momentum m. Paper: η_t = lr/(1-β₁ᵗ). Grafting: the step
+        gets Adam's norm for this variable, lr·‖m̂/(√v̂+ε)‖/‖dir(m)‖, with
+        ‖dir(m)‖ from `curvature.step_norm` (small space)."""
+        if e.adam is None:
+            return e.eta
+        norm = curvature.step_norm(ops.sum(e.m * e.m), w, sigma, damping,
+                                   complete)
+        rate = e.lr * e.adam.norm / ops.where(norm > 0.0, norm, 1.0)
+        return ops.where(e.g_ok, rate, 0.0)
+
+    def _identity_step(self, e):
+        """The step of a variable without curvature: η_t·m/γ (paper) or
+        lr·m̂/(√v̂+ε), Adam's step, when grafting to Adam."""
+        if e.adam is not None:
+            return ops.where(e.g_ok, e.lr, 0.0) * e.adam.step
+        return (e.eta / self.damping) * e.m
 
     @staticmethod
     def _theta(var):
@@ -586,33 +757,40 @@ class Ginger(keras.optimizers.Optimizer):
     def _refresh_curvature(self, entries):
         """[(U', σ', θ')]: the rank-one update with d, then the step."""
         work = []
-        for var, idx, d_ok, d, m, eta in entries:
-            U, sigma, complete = self._state(idx)
+        for e in entries:
+            U, sigma, complete = self._state(e.idx)
             block_rows = self._block_rows(U)
-            proj = curvature.project(U, d, m, complete=complete,
-                                     block_rows=block_rows, valid=d_ok)
+            proj = curvature.project(U, e.d, e.m, complete=complete,
+                                     block_rows=block_rows, valid=e.d_ok)
             # A non-finite d leaves M unchanged: α = 1 and d = 0.
-            beta_2 = ops.where(d_ok, self.beta_2, 1.0)
+            beta_2 = ops.where(e.d_ok, self.beta_2, 1.0)
             C, scale = curvature.small_matrix(sigma, proj, beta_2)
-            work.append((U, proj, C, scale, m, complete,
-                         self._theta(var), eta, block_rows))
-        eig = self._batched_top_eigh([w[2] for w in work])
-        return [
-            curvature.finish(U, proj, lam * scale, V, m, self.damping,
-                             complete, block_rows=block_rows, theta=theta,
-                             eta=eta)
-            for (U, proj, C, scale, m, complete, theta, eta, block_rows),
-            (lam, V) in zip(work, eig)
-        ]
+            work.append((e, U, proj, C, scale, complete, block_rows))
+        eig = self._batched_top_eigh([w[3] for w in work])
+        out = []
+        for (e, U, proj, C, scale, complete, block_rows), (lam, V) in zip(
+                work, eig):
+            sigma = lam * scale
+            damping = self._damping_for(sigma)
+            A, b, w, a1 = curvature.rotation(proj, sigma, V, damping,
+                                             complete)
+            U_new, theta = curvature.rotate(
+                U, proj.p, A, b, e.m, w, a1, damping, complete, block_rows,
+                theta=self._theta(e.var),
+                eta=self._rate(e, w, sigma, damping, complete))
+            out.append((U_new, sigma, theta))
+        return out
 
     def _reuse_curvature(self, entries):
         """[(U, σ, θ')]: the step with the curvature as it is."""
         out = []
-        for var, idx, d_ok, d, m, eta in entries:
-            U, sigma, complete = self._state(idx)
+        for e in entries:
+            U, sigma, complete = self._state(e.idx)
+            damping = self._damping_for(sigma)
+            w = ops.matmul(e.m, U)
             out.append((U, sigma, curvature.woodbury_step(
-                U, sigma, m, self.damping, complete, theta=self._theta(var),
-                eta=eta)))
+                U, sigma, e.m, damping, complete, theta=self._theta(e.var),
+                eta=self._rate(e, w, sigma, damping, complete), w=w)))
         return out
 
     @staticmethod
@@ -639,6 +817,10 @@ class Ginger(keras.optimizers.Optimizer):
             "exclude_from_curvature": self.exclude_from_curvature,
             "max_curvature_size": self.max_curvature_size,
             "curvature_interval": self.curvature_interval,
+            "graft": self.graft,
+            "relative_damping": self.relative_damping,
+            "graft_beta_2": self.graft_beta_2,
+            "graft_epsilon": self.graft_epsilon,
         })
         return config
 

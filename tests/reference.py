@@ -7,30 +7,59 @@ is a dense solve (γI + M)⁻¹ m̂.
 
 import numpy as np
 
+# Ginger's paper algorithm (Algorithm 1), bit for bit: no grafting, absolute
+# damping. The tests that compare against the paper's formula pass it.
+PAPER = dict(graft=None, relative_damping=False)
+
 
 class DenseGinger:
-    def __init__(self, n, tau, beta_1, beta_2, damping):
+    """``graft="adam"``: the step is the direction (γI + M)⁻¹m̂ scaled to
+    the norm of Keras Adam's step m̂·√(1-β₂ᵗ)/(√v + ε) (v with
+    ``graft_beta_2``). ``relative_damping``: γ is damping·λ_max(M) (damping
+    itself while M = 0)."""
+
+    def __init__(self, n, tau, beta_1, beta_2, damping, graft=None,
+                 relative_damping=False, graft_beta_2=0.999,
+                 graft_epsilon=1e-7):
         self.k = min(tau, n)
         self.beta_1, self.beta_2, self.damping = beta_1, beta_2, damping
+        self.graft, self.relative = graft, relative_damping
+        self.graft_beta_2, self.graft_epsilon = graft_beta_2, graft_epsilon
         self.M = np.zeros((n, n))
         self.m = np.zeros(n)
+        self.v = np.zeros(n)
         self.t = 0
 
-    def step(self, g, d):
-        """Returns the step (γI + M_t)⁻¹ m̂_t (θ moves by -lr times it)."""
+    def step(self, g, d, update_curvature=True):
+        """Returns the step (γI + M_t)⁻¹ m̂_t (θ moves by -lr times it).
+
+        ``update_curvature=False``: M stays as it is (d unused)."""
         g = np.asarray(g, np.float64).ravel()
         d = np.asarray(d, np.float64).ravel()
         self.t += 1
         self.m = self.beta_1 * self.m + (1 - self.beta_1) * g
         m_hat = self.m / (1 - self.beta_1**self.t)
-        M = self.beta_2 * self.M + (1 - self.beta_2) * np.outer(d, d)
-        if self.t > self.k:  # rank(M) ≤ t: truncation is the identity before
-            w, V = np.linalg.eigh(M)
-            w, V = w[::-1][: self.k], V[:, ::-1][:, : self.k]
-            M = (V * w) @ V.T
+        M = self.M
+        if update_curvature:
+            M = self.beta_2 * self.M + (1 - self.beta_2) * np.outer(d, d)
+            if self.t > self.k:  # rank(M) ≤ t: truncation is the identity before
+                w, V = np.linalg.eigh(M)
+                w, V = w[::-1][: self.k], V[:, ::-1][:, : self.k]
+                M = (V * w) @ V.T
         self.M = M
         n = len(g)
-        return np.linalg.solve(self.damping * np.eye(n) + self.M, m_hat)
+        damping = self.damping
+        top = np.linalg.eigvalsh(M)[-1]
+        if self.relative and top > 0:
+            damping = self.damping * top
+        direction = np.linalg.solve(damping * np.eye(n) + self.M, m_hat)
+        if self.graft is None:
+            return direction
+        b2 = self.graft_beta_2
+        self.v = b2 * self.v + (1 - b2) * g * g
+        adam = m_hat * np.sqrt(1 - b2**self.t) / (
+            np.sqrt(self.v) + self.graft_epsilon)
+        return direction * np.linalg.norm(adam) / np.linalg.norm(direction)
 
 
 def separated_stream(rng, n, k, steps, tail=1e-2):

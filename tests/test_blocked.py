@@ -14,7 +14,7 @@ import keras_ginger
 from keras_ginger import curvature
 from keras_ginger.optimizer import Ginger
 from tests import test_optimizer as whole
-from tests.reference import DenseGinger, rel_err, separated_stream
+from tests.reference import PAPER, DenseGinger, rel_err, separated_stream
 
 BLOCK = 16  # n = 120 -> 7 full blocks and a tail of 8 rows; n = 1000 -> 62 + 8
 
@@ -154,16 +154,21 @@ def _drive_jit(opt, var, gs, ds):
     return steps
 
 
+@pytest.mark.parametrize("setting", ["paper", "default"])
 @pytest.mark.parametrize("damping", [1e-1, 1e-4, 1e-8])
-def test_truncated_blocked(small_blocks, damping):
-    """As the whole-array test: 200 truncated steps against float64."""
+def test_truncated_blocked(small_blocks, damping, setting):
+    """As the whole-array test: 200 truncated steps against float64, for
+    the paper's step and for the default (grafted, relative damping: the
+    scale rule's η fused into the same pass)."""
+    kwargs = PAPER if setting == "paper" else dict(graft="adam",
+                                                    relative_damping=True)
     rng = np.random.default_rng(1)
     n, tau, steps = 120, 6, 200
     ds = [whole.f32(d) for d in separated_stream(rng, n, tau, steps)]
     gs = [whole.f32(rng.standard_normal(n)) for _ in range(steps)]
-    ref = DenseGinger(n, tau, 0.9, 0.99, damping)
+    ref = DenseGinger(n, tau, 0.9, 0.99, damping, **kwargs)
     var = keras.Variable(np.zeros((12, 10), np.float32))
-    opt = Ginger(learning_rate=1.0, tau=tau, damping=damping)
+    opt = Ginger(learning_rate=1.0, tau=tau, damping=damping, **kwargs)
     drive = _drive_jit if keras.backend.backend() == "jax" else whole.drive
     worst = 0.0
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):

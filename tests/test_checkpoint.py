@@ -69,7 +69,7 @@ def _model(seed=0, schedule=True, jit_compile=False):
     return model
 
 
-_ROLES = ("momentum", "curvature_basis", "curvature_eigenvalues",
+_ROLES = ("momentum", "second_moment", "curvature_basis", "curvature_eigenvalues",
           "fisher_accumulator", "gradient_accumulator", "average")
 
 

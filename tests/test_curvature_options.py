@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 import keras_ginger
-from tests.reference import DenseGinger, rel_err
+from tests.reference import PAPER, DenseGinger, rel_err
 from tests.test_optimizer import drive, f32
 
 
@@ -15,7 +15,7 @@ def test_excluded_variable_steps_with_momentum_over_damping():
     emb = keras.Variable(np.zeros((6, 4), np.float32), name="embeddings")
     ker = keras.Variable(np.zeros(5, np.float32), name="kernel")
     opt = keras_ginger.Ginger(learning_rate=1.0, tau=3, damping=0.1,
-                              exclude_from_curvature=["embed"])
+                              exclude_from_curvature=["embed"], **PAPER)
     ref = DenseGinger(5, 3, 0.9, 0.99, 0.1)
     m = np.zeros(24)
     for t in range(1, 6):
@@ -52,7 +52,7 @@ def test_curvature_interval_matches_reference():
     n, interval, steps = 30, 3, 10
     var = keras.Variable(np.zeros(n, np.float32))
     opt = keras_ginger.Ginger(learning_rate=1.0, tau=4, damping=1e-2,
-                              curvature_interval=interval)
+                              curvature_interval=interval, **PAPER)
     ref = DenseGinger(n, 4, 0.9, 0.99, 1e-2)
     gs = [f32(rng.standard_normal(n)) for _ in range(steps)]
     ds = [f32(rng.standard_normal(n)) for _ in range(steps)]

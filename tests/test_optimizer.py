@@ -12,7 +12,7 @@ from keras import ops
 
 import keras_ginger
 from keras_ginger import curvature
-from tests.reference import DenseGinger, rel_err, separated_stream
+from tests.reference import PAPER, DenseGinger, rel_err, separated_stream
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,7 +56,8 @@ def test_exact_state_matches_dense_solve(damping):
     ds = [f32(rng.standard_normal(n)) for _ in range(steps)]
     ref = DenseGinger(n, tau, 0.9, 0.99, damping)
     var = keras.Variable(np.zeros(n, np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=damping)
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=damping,
+                              **PAPER)
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         assert rel_err(got, ref.step(g, d)) <= 1e-5
     M, U, _ = dense_curvature(opt, var)
@@ -71,7 +72,8 @@ def test_truncated_matches_reference_over_200_steps(damping):
     gs = [f32(rng.standard_normal(n)) for _ in range(steps)]
     ref = DenseGinger(n, tau, 0.9, 0.99, damping)
     var = keras.Variable(np.zeros((12, 10), np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=damping)
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=damping,
+                              **PAPER)
     worst = 0.0
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         worst = max(worst, rel_err(got, ref.step(g, d)))
@@ -94,7 +96,8 @@ def test_variables_smaller_than_tau(shape):
     for damping in (1e-1, 1e-6):
         ref = DenseGinger(n, 8, 0.9, 0.99, damping)
         var = keras.Variable(np.zeros(shape, np.float32))
-        opt = keras_ginger.Ginger(learning_rate=1.0, tau=8, damping=damping)
+        opt = keras_ginger.Ginger(learning_rate=1.0, tau=8, damping=damping,
+                                  **PAPER)
         # The first steps are rank-deficient (1/γ directions); compare later.
         got = drive(opt, var, gs, ds)
         for t, (g, d) in enumerate(zip(gs, ds)):
@@ -112,7 +115,8 @@ def test_zero_fisher_gradient_decays_curvature():
     gs = [f32(rng.standard_normal(n)) for _ in ds]
     ref = DenseGinger(n, 8, 0.9, 0.95, 1e-3)
     var = keras.Variable(np.zeros(n, np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0, tau=8, beta_2=0.95, damping=1e-3)
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=8, beta_2=0.95,
+                              damping=1e-3, **PAPER)
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         assert rel_err(got, ref.step(g, d)) <= 1e-5
     M, U, s = dense_curvature(opt, var)
@@ -128,7 +132,8 @@ def test_fisher_gradient_in_span_adds_no_column():
     gs = [f32(rng.standard_normal(n)) for _ in ds]
     ref = DenseGinger(n, tau, 0.9, 0.99, 1e-2)
     var = keras.Variable(np.zeros(n, np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=1e-2)
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=1e-2,
+                              **PAPER)
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         assert rel_err(got, ref.step(g, d)) <= 1e-5
     M, U, s = dense_curvature(opt, var)
@@ -143,7 +148,8 @@ def test_non_finite_fisher_gradient_leaves_curvature_unchanged():
     rng = np.random.default_rng(5)
     n = 30
     var = keras.Variable(np.zeros(n, np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0, tau=4, damping=1e-2)
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=4, damping=1e-2,
+                              **PAPER)
     ref = DenseGinger(n, 4, 0.9, 0.99, 1e-2)
     for _ in range(5):
         g, d = f32(rng.standard_normal(n)), f32(rng.standard_normal(n))
@@ -208,7 +214,7 @@ def test_large_embedding_is_never_densified():
     n = shape[0] * shape[1]
     var = keras.Variable(np.zeros(shape, np.float32))
     opt = keras_ginger.Ginger(learning_rate=1.0, tau=2, beta_1=0.0,
-                              damping=0.5)
+                              damping=0.5, **PAPER)
     g = f32(rng.standard_normal(shape) * 1e-2)
     d = f32(rng.standard_normal(shape) * 1e-2)
     opt.apply([g], [var], fisher_grads=[d])
@@ -269,6 +275,31 @@ def test_invalid_fisher_grads_leave_state_untouched():
     after = [ops.convert_to_numpy(v) for v in opt.variables]
     for x, y in zip(before, after):
         np.testing.assert_array_equal(x, y)
+
+
+def test_bad_fisher_grads_and_untracked_variable_errors_name_the_problem():
+    var = keras.Variable(np.zeros(3, np.float32), name="tracked")
+    opt = keras_ginger.Ginger(tau=2)
+    g = np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="must be a list"):
+        opt.apply([g], [var], fisher_grads=g)
+    opt.apply([g], [var], fisher_grads=[g])
+    other = keras.Variable(np.zeros(3, np.float32), name="stranger")
+    with pytest.raises(ValueError, match="stranger"):
+        opt.get_curvature(other)
+
+
+def test_empirical_fisher_warning_points_at_the_user_line():
+    """The one-time warning names the line that called fit(), not a file
+    inside Keras."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras_ginger.Ginger(tau=2), loss="mse")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(np.ones((4, 3)), np.zeros((4, 2)), verbose=0)
+    (w,) = [w for w in caught if "empirical Fisher" in str(w.message)]
+    assert os.path.abspath(w.filename) == os.path.abspath(__file__)
 
 
 def test_empirical_fisher_warns_once():

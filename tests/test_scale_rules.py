@@ -1,0 +1,134 @@
+"""The scale-free step: grafting to Adam's norm and damping relative to the
+curvature, against a dense float64 reference of the same formula; scale
+invariance of the default; which settings are not invariant."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+import keras_ginger
+from tests.reference import DenseGinger, rel_err, separated_stream
+from tests.test_optimizer import drive, f32
+
+PAPER = dict(graft=None, relative_damping=False)
+
+
+@pytest.mark.parametrize("relative,damping", [(False, 1e-1), (True, 1e-4)])
+def test_grafted_step_matches_dense_reference(relative, damping):
+    """120 steps, truncated after τ: direction (γI + M)⁻¹m̂ (γ absolute or
+    γ·σ₁), norm of Adam's step, against a float64 dense solve."""
+    rng = np.random.default_rng(3)
+    n, tau, steps = 120, 6, 120
+    ds = [f32(d) for d in separated_stream(rng, n, tau, steps)]
+    gs = [f32(rng.standard_normal(n) * rng.uniform(0.1, 3.0, n))
+          for _ in range(steps)]
+    ref = DenseGinger(n, tau, 0.9, 0.99, damping, graft="adam",
+                      relative_damping=relative)
+    var = keras.Variable(np.zeros((12, 10), np.float32))
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=damping,
+                              graft="adam", relative_damping=relative)
+    worst = 0.0
+    for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
+        worst = max(worst, rel_err(got, ref.step(g, d)))
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_relative_damping_without_graft_matches_reference(interval):
+    """Damping γ·σ₁ alone (paper scale); with curvature_interval = 3 the
+    reuse path must apply the same rule (reference: curvature every step
+    only when interval = 1)."""
+    rng = np.random.default_rng(4)
+    n, tau, steps = 40, 4, 30
+    ds = [f32(d) for d in separated_stream(rng, n, tau, steps)]
+    gs = [f32(rng.standard_normal(n)) for _ in range(steps)]
+    var = keras.Variable(np.zeros(n, np.float32))
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=1e-2,
+                              graft=None, relative_damping=True,
+                              curvature_interval=interval)
+    got = drive(opt, var, gs, ds)
+    ref = DenseGinger(n, tau, 0.9, 0.99, 1e-2, relative_damping=True)
+    for t, (step, g, d) in enumerate(zip(got, gs, ds)):
+        if interval == 1:
+            assert rel_err(step, ref.step(g, d)) <= 1e-4
+        else:  # the reference takes only every third d
+            expect = ref.step(g, d, update_curvature=t % interval == 0)
+            assert rel_err(step, expect) <= 1e-4, t
+
+
+def test_curvature_off_is_keras_adam():
+    """With the curvature switched off, the grafted Ginger is Adam():
+    every variable takes Keras Adam's step (ε on √v, as Keras adds it)."""
+    rng = np.random.default_rng(5)
+    shapes = [(6, 4), (4,), (3, 2, 2)]
+    init = [f32(rng.standard_normal(s)) for s in shapes]
+    gs = [[f32(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 2))
+           for s in shapes] for _ in range(25)]
+    finals = []
+    for opt in (keras.optimizers.Adam(learning_rate=1e-2),
+                keras_ginger.Ginger(learning_rate=1e-2, graft="adam",
+                                    relative_damping=True,
+                                    exclude_from_curvature=[".*"])):
+        variables = [keras.Variable(x) for x in init]
+        for g in gs:
+            if isinstance(opt, keras_ginger.Ginger):
+                opt.apply(g, variables, fisher_grads=g)
+            else:
+                opt.apply(g, variables)
+        finals.append([ops.convert_to_numpy(v) for v in variables])
+    for adam, ginger in zip(*finals):
+        np.testing.assert_allclose(ginger, adam, rtol=2e-6, atol=1e-7)
+
+
+def _run(scale, steps=100, **kwargs):
+    rng = np.random.default_rng(6)
+    n, tau = 48, 4
+    ds = separated_stream(rng, n, tau, steps)
+    gs = [rng.standard_normal(n) for _ in range(steps)]
+    var = keras.Variable(np.zeros((8, 6), np.float32))
+    opt = keras_ginger.Ginger(tau=tau, **kwargs)
+    for g, d in zip(gs, ds):
+        opt.apply([f32(scale * g).reshape(8, 6)], [var],
+                  fisher_grads=[f32(scale * d).reshape(8, 6)])
+    return np.asarray(ops.convert_to_numpy(var), np.float64)
+
+
+def test_default_is_invariant_to_the_loss_scale():
+    """A loss multiplied by c multiplies g and d by c: with the default
+    (grafting + relative damping) 100 updates end where the unscaled run
+    does, to 1e-3 of how far the weights moved (only Adam's ε breaks it)."""
+    defaults = keras_ginger.Ginger()
+    assert defaults.graft == "adam" and defaults.relative_damping
+    base = _run(1.0)
+    moved = np.linalg.norm(base)
+    assert moved > 0
+    for c in (1e-2, 1e2):
+        assert np.linalg.norm(_run(c) - base) <= 1e-3 * moved, c
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(PAPER, learning_rate=1e-3, damping=1e-2),          # the paper's
+    dict(graft="adam", relative_damping=False, damping=1e-2),
+    dict(graft=None, relative_damping=True, learning_rate=1e-3),
+], ids=["paper", "graft_only", "relative_only"])
+def test_settings_that_are_not_scale_invariant(kwargs):
+    """The paper's step (m̂/γ outside span(U)), grafting with an absolute
+    damping (the direction depends on σ/γ) and relative damping without
+    grafting (the norm scales as 1/c) all move with the loss scale."""
+    base = _run(1.0, **kwargs)
+    moved = np.linalg.norm(base)
+    worst = max(np.linalg.norm(_run(c, **kwargs) - base)
+                for c in (1e-2, 1e2))
+    assert worst >= 1e-2 * moved
+
+
+def test_invalid_scale_arguments():
+    for kwargs, needle in [
+        (dict(graft="shampoo"), "graft='shampoo'"),
+        (dict(relative_damping=1), "relative_damping=1"),
+        (dict(graft_beta_2=1.0), "graft_beta_2=1.0"),
+        (dict(graft_epsilon=0.0), "graft_epsilon=0.0"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            keras_ginger.Ginger(**kwargs)
