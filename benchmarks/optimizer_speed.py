@@ -127,6 +127,10 @@ def main():
                         default=[1e5, 1e6, 4e6])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--paper", action="store_true",
+                        help="time the paper's step (graft=None, "
+                             "relative_damping=False) instead of the "
+                             "default (grafted to Adam, relative damping)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -146,7 +150,9 @@ def main():
         t_adam = median_seconds(adam, g, d, args.repeats)
         for tau in args.taus:
             var = keras.Variable(np.zeros(n, np.float32))
-            opt = keras_ginger.Ginger(learning_rate=1e-3, tau=tau)
+            setting = (dict(graft=None, relative_damping=False)
+                       if args.paper else {})
+            opt = keras_ginger.Ginger(learning_rate=1e-3, tau=tau, **setting)
             update = compiled_update(opt, var, True)
             t_ginger = median_seconds(update, g, d, args.repeats)
             state_bytes = sum(4 * int(np.prod(v.shape)) for v in opt.variables)

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_ginger import _keras_compat
 from keras_ginger.train_step import unwrap_optimizer
 from keras_ginger.optimizer import _check_positive_int
 
@@ -99,12 +100,15 @@ class CurvatureLogger(keras.callbacks.Callback):
       healthy run; growth means the basis is drifting.
 
     The optimizer step (``optimizer.iterations``) is the x-axis everywhere.
+    A variable is named by its path, or ``path[i]`` (i its index in the
+    optimizer) where several variables share a path, as a KerasHub T5's
+    encoder and decoder ``self_attention/embeddings`` do.
 
     Outputs (any combination; with neither, values are only kept in
     `records`):
 
-    * TensorBoard (``log_dir``): scalars ``curvature/<variable.path>/sigma_<i>``
-      and ``curvature/<variable.path>/orthogonality_error`` at that step,
+    * TensorBoard (``log_dir``): scalars ``curvature/<name>/sigma_<i>``
+      and ``curvature/<name>/orthogonality_error`` at that step,
       written with `tf.summary` (TensorBoard's scalar format, also on the
       JAX and torch backends; the `tensorboard` package is needed only to
       view them). If TensorFlow cannot be imported, TensorBoard logging is
@@ -257,12 +261,24 @@ class CurvatureLogger(keras.callbacks.Callback):
                     chosen.append(v)
         return chosen
 
+    def _names(self):
+        """A unique, stable name per selected variable: its path, and where
+        several variables share a path (e.g. a KerasHub T5's encoder and
+        decoder `self_attention/embeddings`), the path with the optimizer's
+        variable index, ``path[index]``."""
+        paths = [v.path for v in self._selected]
+        return [
+            p if paths.count(p) == 1
+            else f"{p}[{_keras_compat.variable_index(self._opt, v)}]"
+            for p, v in zip(paths, self._selected)
+        ]
+
     def _snapshot(self):
-        """(step, [(path, sigma_top, ortho_err, k)]) read from the optimizer."""
+        """(step, [(name, sigma_top, ortho_err, k)]) read from the optimizer."""
         opt = self._opt
         step = int(ops.convert_to_numpy(opt.iterations))
         rows = []
-        for var in self._selected:
+        for name, var in zip(self._names(), self._selected):
             U, sigma = opt.get_curvature(var)
             U = np.asarray(ops.convert_to_numpy(U), np.float64)
             sigma = np.asarray(ops.convert_to_numpy(sigma), np.float64)
@@ -270,7 +286,7 @@ class CurvatureLogger(keras.callbacks.Callback):
             gram = U.T @ U - np.eye(k)
             ortho = float(np.sqrt(np.sum(gram * gram)))
             top = sigma if self.top is None else sigma[: self.top]
-            rows.append((var.path, top, ortho, k))
+            rows.append((name, top, ortho, k))
         return step, rows
 
     def _log(self):
@@ -472,7 +488,8 @@ def read_curvature_csv(csv_path):
     return out
 
 
-def plot_spectrum(csv_path, png_path, variable=None):
+def plot_spectrum(csv_path, png_path, variable=None, damping=None,
+                  relative_damping=False, top_variables=None):
     """Renders the curvature spectrum over training as a PNG.
 
     One panel per variable: each recorded eigenvalue σᵢ against the
@@ -482,8 +499,15 @@ def plot_spectrum(csv_path, png_path, variable=None):
     Args:
         csv_path: a CSV written by `CurvatureLogger`.
         png_path: where to write the PNG.
-        variable: None for every variable in the file, or one variable path
+        variable: None for every variable in the file, or one variable name
             (as in the CSV's ``variable`` column).
+        damping: None, or Ginger's γ (``optimizer.damping``), drawn as a
+            dashed reference line: directions with σ well below it are
+            steps at the damping's scale, those well above it are curved.
+        relative_damping: with ``damping``, draw γ·σ₀ (the damping Ginger
+            uses with ``relative_damping=True``) instead of γ.
+        top_variables: None for every variable; an int N for the N
+            variables with the largest last σ₀ (a big model has hundreds).
 
     Returns:
         ``png_path``.
@@ -505,6 +529,11 @@ def plot_spectrum(csv_path, png_path, variable=None):
                 f"Available: {sorted(data)}"
             )
         data = {variable: data[variable]}
+    if top_variables is not None:
+        _check_positive_int("top_variables", top_variables)
+        ranked = sorted(data, key=lambda n: -np.nan_to_num(
+            data[n]["sigma"][-1, 0], nan=-np.inf))
+        data = {n: data[n] for n in ranked[:top_variables]}
     names = list(data)
     cols = min(len(names), 2)
     nrows = math.ceil(len(names) / cols)
@@ -523,6 +552,14 @@ def plot_spectrum(csv_path, png_path, variable=None):
             ax.plot(steps, s, marker="." if len(steps) < 30 else None,
                     linewidth=1.2, label=f"σ{j}")
             plotted = True
+        if damping is not None:
+            line = (damping * sigma[:, 0] if relative_damping
+                    else np.full(len(steps), float(damping)))
+            line = np.where(line > 0, line, np.nan)
+            if not np.all(np.isnan(line)):
+                ax.plot(steps, line, "k--", linewidth=1.0,
+                        label="γ·σ₀" if relative_damping else "γ")
+                plotted = True
         if plotted:
             ax.set_yscale("log")
             if sigma.shape[1] <= 10:

@@ -363,3 +363,68 @@ def test_nonfinite_reporter_counts_batches_like_curvature_logger(spe):
     # capped at the epoch's 6), and 4, 10 (crossing 8), 12 fire.
     assert logged == ([4, 8, 12] if spe == 1 else [4, 10, 12])
     assert reporter.steps == logged
+
+
+class _TwinWeights(keras.layers.Layer):
+    """Two weights under one path (as a KerasHub T5's encoder and decoder
+    `self_attention/embeddings`)."""
+
+    def build(self, input_shape):
+        self.a = self.add_weight((input_shape[-1], 3), name="twin")
+        self.b = self.add_weight((input_shape[-1], 3), name="twin")
+
+    def call(self, x):
+        return x @ self.a + x @ self.b
+
+
+def test_variables_sharing_a_path_get_unique_stable_names(tmp_path):
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), _TwinWeights(name="twins")])
+    model.compile(optimizer=keras_ginger.Ginger(tau=2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+    a, b = model.trainable_variables
+    assert a.path == b.path
+    path = os.path.join(tmp_path, "curv.csv")
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0,
+              callbacks=[CurvatureLogger(csv_path=path, every_n_steps=2)])
+    opt = model.optimizer
+    expected = {f"{a.path}[{opt._get_variable_index(v)}]" for v in (a, b)}
+    data = kg_callbacks.read_curvature_csv(path)
+    assert set(data) == expected
+    for entry in data.values():  # one row per step per variable
+        assert entry["step"].tolist() == sorted(set(entry["step"].tolist()))
+
+
+def test_plot_spectrum_damping_line_and_top_variables(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    x, y = _data()
+    model = _model()
+    path = os.path.join(tmp_path, "curv.csv")
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[CurvatureLogger(csv_path=path, every_n_steps=1)])
+    data = kg_callbacks.read_curvature_csv(path)
+    biggest = max(data, key=lambda n: data[n]["sigma"][-1, 0])
+    titles, lines = [], []
+    orig_title, orig_plot = matplotlib.axes.Axes.set_title, \
+        matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda ax, t, **kw: titles.append(t)
+                        or orig_title(ax, t, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda ax, *a, **kw: lines.append((a, kw))
+                        or orig_plot(ax, *a, **kw))
+    png = os.path.join(tmp_path, "top.png")
+    plot_spectrum(path, png, damping=1e-2, top_variables=1)
+    assert titles == [biggest]
+    (ref,) = [(a, kw) for a, kw in lines if kw.get("label") == "γ"]
+    np.testing.assert_array_equal(ref[0][1], np.full(6, 1e-2))
+    lines.clear()
+    plot_spectrum(path, png, damping=0.1, relative_damping=True,
+                  variable=biggest)
+    (ref,) = [(a, kw) for a, kw in lines if kw.get("label") == "γ·σ₀"]
+    np.testing.assert_allclose(ref[0][1], 0.1 * data[biggest]["sigma"][:, 0])
+    with pytest.raises(ValueError, match="top_variables"):
+        plot_spectrum(path, png, top_variables=0)
