@@ -15,9 +15,11 @@ Modules, imports pointing one way (each imports only those above it):
     trainers        the per-backend train steps (`FisherTrainStep`)
     wrapping        `with_fisher` (the class swap)
     callbacks       `CurvatureLogger`, `NonFiniteReporter`, plots
+    checkpoint      `load_training_state` (weights + optimizer state)
 """
 
 from keras_ginger import callbacks
+from keras_ginger.checkpoint import load_training_state
 from keras_ginger import curvature
 from keras_ginger import samplers
 from keras_ginger.fisher_loss import fisher_loss
@@ -28,4 +30,4 @@ from keras_ginger.wrapping import with_fisher
 __version__ = "0.1.0"
 
 __all__ = ["Ginger", "FisherTrainStep", "with_fisher", "fisher_loss",
-           "callbacks", "curvature", "samplers"]
+           "load_training_state", "callbacks", "curvature", "samplers"]

@@ -324,6 +324,45 @@ def test_t5_padding_tokens_are_excluded_from_d(proto):
     assert any(not np.array_equal(a, b) for a, b in zip(d1, d2))
 
 
+def test_t5_training_state_restores_from_weights_file(proto, train_pairs,
+                                                      tmp_path):
+    """KerasHub tasks skip the optimizer on `load_model`; the weights-file
+    recipe (`keras_ginger.load_training_state`) restores all of Ginger's
+    state (exact resumption from restored state is tested on small models
+    in test_checkpoint.py)."""
+    ginger = _ginger()
+
+    def fresh():
+        model = td.build_tiny_t5(proto, encoder_sequence_length=ENC_LEN,
+                                 decoder_sequence_length=DEC_LEN, seed=0,
+                                 dropout=0.0, num_layers=1)
+        x, y, sw = td.preprocess_pairs(model.preprocessor, train_pairs[:2])
+        model.preprocessor = None  # train on token ids
+        ginger.with_fisher(model, seed=5)
+        td.compile_t5(model, ginger.Ginger(tau=4))
+        return model, (x, y, sw)
+
+    model, (x, y, sw) = fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, sample_weight=sw, batch_size=2, epochs=2,
+                  shuffle=False, verbose=0)
+    path = str(tmp_path / "t5.weights.h5")
+    model.save_weights(path)
+    saved = [np.array(keras.ops.convert_to_numpy(v))
+             for v in model.optimizer.variables]
+    restored, _ = fresh()
+    assert ginger.load_training_state(restored, path) is restored
+    assert int(restored.optimizer.iterations) == 2
+    got = [np.array(keras.ops.convert_to_numpy(v))
+           for v in restored.optimizer.variables]
+    assert len(got) == len(saved) > 10
+    for a, b in zip(got, saved):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_weights(restored), _weights(model)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_ginger_fisher_fine_tunes_t5_loss_decreases(proto, train_pairs):
     ginger = _ginger()
     keras.utils.set_random_seed(0)
