@@ -22,11 +22,12 @@ from keras_ginger import _keras_compat
 
 def replica_id():
     """This replica's index in its sync group (a Python int), or None
-    outside a replica context."""
+    outside a replica context or where it is only known at run time."""
     context = tf.distribute.get_replica_context()
     if context is None:
         return None
-    return int(tf.get_static_value(context.replica_id_in_sync_group))
+    replica = tf.get_static_value(context.replica_id_in_sync_group)
+    return None if replica is None else int(replica)
 
 
 def distributed_update_step(optimizer, grads, variables, fisher,

@@ -195,12 +195,18 @@ def test_variable_selection_and_epoch_end(tmp_path):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[bad])
 
 
-def test_plot_spectrum_writes_png(tmp_path):
+def _logged_csv(tmp_path):
+    """(model, CSV path): one epoch (6 steps) logged at every step."""
     x, y = _data()
     model = _model()
     path = os.path.join(tmp_path, "curv.csv")
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
               callbacks=[CurvatureLogger(csv_path=path, every_n_steps=1)])
+    return model, path
+
+
+def test_plot_spectrum_writes_png(tmp_path):
+    model, path = _logged_csv(tmp_path)
     data = kg_callbacks.read_curvature_csv(path)
     first = model.trainable_variables[0].path
     assert data[first]["step"].tolist() == [1, 2, 3, 4, 5, 6]
@@ -400,11 +406,7 @@ def test_variables_sharing_a_path_get_unique_stable_names(tmp_path):
 def test_plot_spectrum_damping_line_and_top_variables(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    x, y = _data()
-    model = _model()
-    path = os.path.join(tmp_path, "curv.csv")
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
-              callbacks=[CurvatureLogger(csv_path=path, every_n_steps=1)])
+    _, path = _logged_csv(tmp_path)
     data = kg_callbacks.read_curvature_csv(path)
     biggest = max(data, key=lambda n: data[n]["sigma"][-1, 0])
     titles, lines = [], []
