@@ -229,6 +229,17 @@ class Diabetes(Task):
         hist["val_r2"] = [1.0 - v / self.val_var for v in hist["val_loss"]]
 
 
+def _compile_sparse_ce(model, optimizer):
+    """Sparse cross-entropy on logits, accuracy as the metric."""
+    import keras
+
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+
 # ----------------------------------------------------------------- T5 tasks
 class _Seq2SeqData:
     """fit() arguments for pre-tokenized T5 arrays."""
@@ -470,13 +481,7 @@ class CharLM(Task):
         return keras.Model(inp, logits, name="char_lm")
 
     def compile(self, model, optimizer):
-        import keras
-
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        )
+        _compile_sparse_ce(model, optimizer)
 
     def add_metrics(self, hist):
         hist["val_ppl"] = [math.exp(min(v, 700.0)) for v in hist["val_loss"]]
@@ -558,13 +563,7 @@ class Embeddings(Task):
         return keras.Model(inp, logits, name="two_tower_next_word")
 
     def compile(self, model, optimizer):
-        import keras
-
-        model.compile(
-            optimizer=optimizer,
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-        )
+        _compile_sparse_ce(model, optimizer)
 
     def describe(self):
         (x, _, _), (xv, _) = self.data()
