@@ -241,29 +241,6 @@ def test_ginger_fisher_train_step_and_fit(proto, train_pairs):
     assert all(np.isfinite(a).all() for a in _weights(model))
 
 
-def test_keras_nlp_t5_trains_with_fisher(proto, train_pairs):
-    """The README's KerasNLP spelling: `keras_nlp.models.T5Seq2SeqLM` with
-    `with_fisher` + Ginger takes the sampled-label Fisher step."""
-    keras_nlp = pytest.importorskip("keras_nlp")
-    ginger = _ginger()
-    model = td.build_tiny_t5(proto, encoder_sequence_length=ENC_LEN,
-                             decoder_sequence_length=DEC_LEN, seed=0,
-                             dropout=0.0, num_layers=1, package="keras_nlp")
-    assert isinstance(model, keras_nlp.models.T5Seq2SeqLM)
-    model = ginger.with_fisher(model)
-    assert isinstance(model, keras_nlp.models.T5Seq2SeqLM)
-    assert isinstance(model, ginger.FisherTrainStep)
-    td.compile_t5(model, ginger.Ginger(learning_rate=1e-3, tau=4))
-    before = _weights(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = model.train_on_batch(td.to_features(train_pairs[:2]),
-                                   return_dict=True)
-    assert not [w for w in caught if "empirical Fisher" in str(w.message)]
-    assert np.isfinite(out["loss"])
-    assert any(not np.allclose(a, b) for a, b in zip(before, _weights(model)))
-
-
 class _LastFisher(keras.optimizers.SGD):
     """SGD that takes fisher_grads and keeps the last d, variable by variable."""
 
@@ -324,29 +301,40 @@ def test_t5_padding_tokens_are_excluded_from_d(proto):
     assert any(not np.array_equal(a, b) for a, b in zip(d1, d2))
 
 
-def test_t5_training_state_restores_from_weights_file(proto, train_pairs,
-                                                      tmp_path):
-    """KerasHub tasks skip the optimizer on `load_model`; the weights-file
+def test_keras_nlp_t5_trains_and_restores_from_weights_file(
+        proto, train_pairs, tmp_path):
+    """The README's KerasNLP spelling, `keras_nlp.models.T5Seq2SeqLM`, trains
+    with `with_fisher` + Ginger (sampled Fisher, no empirical fallback); and
+    since KerasHub tasks skip the optimizer on `load_model`, the weights-file
     recipe (`keras_ginger.load_training_state`) restores all of Ginger's
-    state (exact resumption from restored state is tested on small models
-    in test_checkpoint.py)."""
+    state (exact resumption from restored state is tested on small models in
+    test_checkpoint.py)."""
+    keras_nlp = pytest.importorskip("keras_nlp")
     ginger = _ginger()
 
     def fresh():
         model = td.build_tiny_t5(proto, encoder_sequence_length=ENC_LEN,
                                  decoder_sequence_length=DEC_LEN, seed=0,
-                                 dropout=0.0, num_layers=1)
+                                 dropout=0.0, num_layers=1,
+                                 package="keras_nlp")
+        assert isinstance(model, keras_nlp.models.T5Seq2SeqLM)
         x, y, sw = td.preprocess_pairs(model.preprocessor, train_pairs[:2])
         model.preprocessor = None  # train on token ids
         ginger.with_fisher(model, seed=5)
+        assert isinstance(model, keras_nlp.models.T5Seq2SeqLM)
+        assert isinstance(model, ginger.FisherTrainStep)
         td.compile_t5(model, ginger.Ginger(tau=4))
         return model, (x, y, sw)
 
     model, (x, y, sw) = fresh()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.fit(x, y, sample_weight=sw, batch_size=2, epochs=2,
-                  shuffle=False, verbose=0)
+    before = _weights(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hist = model.fit(x, y, sample_weight=sw, batch_size=2, epochs=2,
+                         shuffle=False, verbose=0)
+    assert not [w for w in caught if "empirical Fisher" in str(w.message)]
+    assert np.isfinite(hist.history["loss"]).all()
+    assert any(not np.allclose(a, b) for a, b in zip(before, _weights(model)))
     path = str(tmp_path / "t5.weights.h5")
     model.save_weights(path)
     saved = [np.array(keras.ops.convert_to_numpy(v))
