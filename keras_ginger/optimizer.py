@@ -55,14 +55,24 @@ def _check_hyperparameters(tau, beta_1, beta_2, damping):
 
 
 GRAFTS = (None, "adam")
+METRICS = (None, "adam")
 
 
 def _check_scale_arguments(graft, relative_damping, graft_beta_2,
-                           graft_epsilon):
+                           graft_epsilon, metric=None):
     if graft not in GRAFTS:
         raise ValueError(
             f"Argument `graft` must be one of {GRAFTS}. Received: "
             f"graft={graft!r}")
+    if metric not in METRICS:
+        raise ValueError(
+            f"Argument `metric` must be one of {METRICS}. Received: "
+            f"metric={metric!r}")
+    if metric is not None and graft is not None:
+        raise ValueError(
+            "Argument `metric='adam'` sets the step's scale itself (Adam's "
+            "step where the curvature is zero): pass `graft=None` with it. "
+            f"Received: metric={metric!r}, graft={graft!r}")
     if not isinstance(relative_damping, bool):
         raise ValueError(
             "Argument `relative_damping` must be a bool. Received: "
@@ -165,8 +175,9 @@ def _basis_layout(layout):
 _Entry = collections.namedtuple(
     "_Entry", "var idx d_ok d m eta g_ok lr adam")
 _Entry.__doc__ = "One variable's inputs to the update (flat float32)."
-_Adam = collections.namedtuple("_Adam", "v step norm")
-_Adam.__doc__ = "Adam's second moment, its step m̂/(√v̂+ε) and that norm."
+_Adam = collections.namedtuple("_Adam", "v step norm inv_sqrt_d")
+_Adam.__doc__ = ("Adam's second moment, its step m̂/D, that norm and "
+                 "D^{-1/2} (Adam's diagonal metric, for `metric='adam'`).")
 
 
 class _PerReplica:
@@ -292,6 +303,12 @@ class Ginger(keras.optimizers.Optimizer):
             Defaults to `0.999` (Adam's).
         graft_epsilon: ε of Adam's step for grafting, > 0. Defaults to
             `1e-7` (Keras Adam's).
+        metric: None, or `"adam"`: Ginger in Adam's diagonal metric. The
+            curvature is kept for d̃ = D^{-1/2}d, D = (√v + ε)/√(1-β₂'ᵗ)
+            (Adam's denominator), and the step is
+            γₜ·D^{-1/2}(γₜI + M̃)⁻¹D^{-1/2}m̂, which is exactly Adam's step
+            where the curvature is zero. Needs ``graft=None`` (it sets its
+            own scale). Defaults to None.
         {{base_optimizer_keyword_args}}
     """
 
@@ -311,6 +328,7 @@ class Ginger(keras.optimizers.Optimizer):
         relative_damping=True,
         graft_beta_2=0.999,
         graft_epsilon=1e-7,
+        metric=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -328,7 +346,7 @@ class Ginger(keras.optimizers.Optimizer):
                             allow_none=True)
         _check_positive_int("curvature_interval", curvature_interval)
         _check_scale_arguments(graft, relative_damping, graft_beta_2,
-                               graft_epsilon)
+                               graft_epsilon, metric)
         exclude_from_curvature = _check_patterns(exclude_from_curvature)
         super().__init__(
             learning_rate=learning_rate,
@@ -355,6 +373,7 @@ class Ginger(keras.optimizers.Optimizer):
         self.relative_damping = relative_damping
         self.graft_beta_2 = float(graft_beta_2)
         self.graft_epsilon = float(graft_epsilon)
+        self.metric = metric
         # d handed to the next apply() (`using_fisher_grads`), and
         # {variable index: d} during one apply(): per thread and per
         # tf.distribute replica, which run apply() in parallel threads.
@@ -407,7 +426,7 @@ class Ginger(keras.optimizers.Optimizer):
                 self.add_variable(var.shape, dtype="float32",
                                   name=f"{prefix}_second_moment",
                                   layout=layout)
-                if self.graft == "adam" else None)
+                if "adam" in (self.graft, self.metric) else None)
         # (1 + step, variable index) of the last non-finite g or d; 0 = none.
         self._nonfinite = self.add_variable((2,), dtype="int32",
                                             name="nonfinite_event")
@@ -647,7 +666,7 @@ class Ginger(keras.optimizers.Optimizer):
             # in the momentum, so m̂ need not be stored. 0 when g is bad.
             eta = ops.where(g_ok, lr / bias, 0.0)
             adam = None
-            if self.graft == "adam":
+            if "adam" in (self.graft, self.metric):
                 adam = self._adam_step(idx, g_ok, g0, m, t, bias)
             entries.append(_Entry(var, idx, d_ok, d, m, eta, g_ok, lr, adam))
         curved = [e for e in entries if self._bases[e.idx] is not None]
@@ -687,9 +706,11 @@ class Ginger(keras.optimizers.Optimizer):
         b2 = self.graft_beta_2
         v = ops.where(g_ok, v_old + (1.0 - b2) * (g0 * g0 - v_old), v_old)
         bias_2 = 1.0 - ops.power(ops.cast(b2, "float32"), t)
-        step = (m / bias) * ops.sqrt(bias_2) / (ops.sqrt(v)
-                                                + self.graft_epsilon)
-        return _Adam(v, step, ops.sqrt(ops.sum(step * step)))
+        # Adam's step is m̂/D with D = (√v + ε)/√(1-β₂ᵗ).
+        inv_d = ops.sqrt(bias_2) / (ops.sqrt(v) + self.graft_epsilon)
+        step = (m / bias) * inv_d
+        return _Adam(v, step, ops.sqrt(ops.sum(step * step)),
+                     ops.sqrt(inv_d))
 
     def _damping_for(self, sigma):
         """The damping rule: γ, or with `relative_damping` γ·σ₁ (σ₁ the
@@ -711,6 +732,20 @@ class Ginger(keras.optimizers.Optimizer):
                                    complete)
         rate = e.lr * e.adam.norm / ops.where(norm > 0.0, norm, 1.0)
         return ops.where(e.g_ok, rate, 0.0)
+
+    def _in_metric(self, e):
+        """(d, m) as the curvature sees them: as they are, or with
+        `metric='adam'` in Adam's diagonal metric, D^{-1/2}d and
+        D^{-1/2}m."""
+        if self.metric is None:
+            return e.d, e.m
+        return e.d * e.adam.inv_sqrt_d, e.m * e.adam.inv_sqrt_d
+
+    def _metric_theta(self, e, step, damping):
+        """θ - η_t γₜ D^{-1/2} (γₜI + M̃)⁻¹ D^{-1/2} m: with M̃ = 0 this is
+        Adam's update θ - lr·m̂/D (`metric='adam'`)."""
+        rate = e.eta * damping
+        return self._theta(e.var) - rate * e.adam.inv_sqrt_d * step
 
     def _identity_step(self, e):
         """The step of a variable without curvature: η_t·m/γ (paper) or
@@ -760,7 +795,8 @@ class Ginger(keras.optimizers.Optimizer):
         for e in entries:
             U, sigma, complete = self._state(e.idx)
             block_rows = self._block_rows(U)
-            proj = curvature.project(U, e.d, e.m, complete=complete,
+            d, m = self._in_metric(e)
+            proj = curvature.project(U, d, m, complete=complete,
                                      block_rows=block_rows, valid=e.d_ok)
             # A non-finite d leaves M unchanged: α = 1 and d = 0.
             beta_2 = ops.where(e.d_ok, self.beta_2, 1.0)
@@ -774,10 +810,16 @@ class Ginger(keras.optimizers.Optimizer):
             damping = self._damping_for(sigma)
             A, b, w, a1 = curvature.rotation(proj, sigma, V, damping,
                                              complete)
-            U_new, theta = curvature.rotate(
-                U, proj.p, A, b, e.m, w, a1, damping, complete, block_rows,
-                theta=self._theta(e.var),
-                eta=self._rate(e, w, sigma, damping, complete))
+            if self.metric is None:
+                U_new, theta = curvature.rotate(
+                    U, proj.p, A, b, e.m, w, a1, damping, complete,
+                    block_rows, theta=self._theta(e.var),
+                    eta=self._rate(e, w, sigma, damping, complete))
+            else:
+                U_new, step = curvature.rotate(
+                    U, proj.p, A, b, self._in_metric(e)[1], w, a1, damping,
+                    complete, block_rows)
+                theta = self._metric_theta(e, step, damping)
             out.append((U_new, sigma, theta))
         return out
 
@@ -787,10 +829,16 @@ class Ginger(keras.optimizers.Optimizer):
         for e in entries:
             U, sigma, complete = self._state(e.idx)
             damping = self._damping_for(sigma)
-            w = ops.matmul(e.m, U)
-            out.append((U, sigma, curvature.woodbury_step(
-                U, sigma, e.m, damping, complete, theta=self._theta(e.var),
-                eta=self._rate(e, w, sigma, damping, complete), w=w)))
+            m = self._in_metric(e)[1]
+            w = ops.matmul(m, U)
+            if self.metric is None:
+                theta = curvature.woodbury_step(
+                    U, sigma, m, damping, complete, theta=self._theta(e.var),
+                    eta=self._rate(e, w, sigma, damping, complete), w=w)
+            else:
+                theta = self._metric_theta(e, curvature.woodbury_step(
+                    U, sigma, m, damping, complete, w=w), damping)
+            out.append((U, sigma, theta))
         return out
 
     @staticmethod
@@ -821,6 +869,7 @@ class Ginger(keras.optimizers.Optimizer):
             "relative_damping": self.relative_damping,
             "graft_beta_2": self.graft_beta_2,
             "graft_epsilon": self.graft_epsilon,
+            "metric": self.metric,
         })
         return config
 

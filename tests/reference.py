@@ -16,15 +16,18 @@ class DenseGinger:
     """``graft="adam"``: the step is the direction (γI + M)⁻¹m̂ scaled to
     the norm of Keras Adam's step m̂·√(1-β₂ᵗ)/(√v + ε) (v with
     ``graft_beta_2``). ``relative_damping``: γ is damping·λ_max(M) (damping
-    itself while M = 0)."""
+    itself while M = 0). ``metric="adam"``: M is the EMA of d̃d̃ᵀ with
+    d̃ = D^{-1/2}d, D Adam's denominator, and the step is
+    γ·D^{-1/2}(γI + M)⁻¹D^{-1/2}m̂."""
 
     def __init__(self, n, tau, beta_1, beta_2, damping, graft=None,
                  relative_damping=False, graft_beta_2=0.999,
-                 graft_epsilon=1e-7):
+                 graft_epsilon=1e-7, metric=None):
         self.k = min(tau, n)
         self.beta_1, self.beta_2, self.damping = beta_1, beta_2, damping
         self.graft, self.relative = graft, relative_damping
         self.graft_beta_2, self.graft_epsilon = graft_beta_2, graft_epsilon
+        self.metric = metric
         self.M = np.zeros((n, n))
         self.m = np.zeros(n)
         self.v = np.zeros(n)
@@ -39,9 +42,15 @@ class DenseGinger:
         self.t += 1
         self.m = self.beta_1 * self.m + (1 - self.beta_1) * g
         m_hat = self.m / (1 - self.beta_1**self.t)
+        b2 = self.graft_beta_2
+        if self.graft is not None or self.metric is not None:
+            self.v = b2 * self.v + (1 - b2) * g * g
+        D = (np.sqrt(self.v) + self.graft_epsilon) / np.sqrt(1 - b2**self.t)
+        s = D ** -0.5 if self.metric == "adam" else np.ones_like(g)
         M = self.M
         if update_curvature:
-            M = self.beta_2 * self.M + (1 - self.beta_2) * np.outer(d, d)
+            dt = s * d  # Adam's metric: the curvature of D^{-1/2} d
+            M = self.beta_2 * self.M + (1 - self.beta_2) * np.outer(dt, dt)
             if self.t > self.k:  # rank(M) ≤ t: truncation is the identity before
                 w, V = np.linalg.eigh(M)
                 w, V = w[::-1][: self.k], V[:, ::-1][:, : self.k]
@@ -52,13 +61,12 @@ class DenseGinger:
         top = np.linalg.eigvalsh(M)[-1]
         if self.relative and top > 0:
             damping = self.damping * top
-        direction = np.linalg.solve(damping * np.eye(n) + self.M, m_hat)
+        direction = np.linalg.solve(damping * np.eye(n) + self.M, s * m_hat)
+        if self.metric == "adam":
+            return damping * s * direction
         if self.graft is None:
             return direction
-        b2 = self.graft_beta_2
-        self.v = b2 * self.v + (1 - b2) * g * g
-        adam = m_hat * np.sqrt(1 - b2**self.t) / (
-            np.sqrt(self.v) + self.graft_epsilon)
+        adam = m_hat / D
         return direction * np.linalg.norm(adam) / np.linalg.norm(direction)
 
 
