@@ -1,0 +1,51 @@
+"""Probe: Ginger in Adam's diagonal metric (`metric="adam"`) against the
+default Ginger and Adam() at learning rate 1e-3, best validation loss over
+3 seeds, on chosen suite tasks.
+
+    KERAS_BACKEND=jax python benchmarks/metric_probe.py digits breast_cancer
+
+Writes results/metric_probe_<tasks>.json.
+"""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import convergence  # noqa: E402,F401  (sets up sys.path for the tasks)
+from convergence_harness import CompiledRun  # noqa: E402
+from convergence_tasks import TASKS  # noqa: E402
+
+CONFIGS = [
+    ("adam", None),
+    ("ginger", None),
+    ("ginger", dict(graft=None, metric="adam", relative_damping=True,
+                    damping=0.1)),
+    ("ginger", dict(graft=None, metric="adam", relative_damping=True,
+                    damping=1.0)),
+]
+
+
+def main(task_names, seeds=(0, 1, 2), lr=1e-3):
+    out = []
+    for tname in task_names:
+        task = TASKS[tname]()
+        cache = {}
+        for opt, overrides in CONFIGS:
+            run = CompiledRun(task, opt, overrides=overrides, init_cache=cache)
+            for seed in seeds:
+                r = run.run(lr, seed, task.epochs)
+                r.pop("history")
+                r["overrides"] = overrides
+                out.append(r)
+                print(tname, opt, overrides, seed,
+                      round(r["best_val_loss"], 4), flush=True)
+    path = os.path.join(HERE, "results",
+                        f"metric_probe_{'_'.join(task_names)}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
