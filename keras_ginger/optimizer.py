@@ -801,10 +801,10 @@ class Ginger(keras.optimizers.Optimizer):
             # A non-finite d leaves M unchanged: α = 1 and d = 0.
             beta_2 = ops.where(e.d_ok, self.beta_2, 1.0)
             C, scale = curvature.small_matrix(sigma, proj, beta_2)
-            work.append((e, U, proj, C, scale, complete, block_rows))
-        eig = self._batched_top_eigh([w[3] for w in work])
+            work.append((e, m, U, proj, C, scale, complete, block_rows))
+        eig = self._batched_top_eigh([w[4] for w in work])
         out = []
-        for (e, U, proj, C, scale, complete, block_rows), (lam, V) in zip(
+        for (e, m, U, proj, C, scale, complete, block_rows), (lam, V) in zip(
                 work, eig):
             sigma = lam * scale
             damping = self._damping_for(sigma)
@@ -817,8 +817,7 @@ class Ginger(keras.optimizers.Optimizer):
                     eta=self._rate(e, w, sigma, damping, complete))
             else:
                 U_new, step = curvature.rotate(
-                    U, proj.p, A, b, self._in_metric(e)[1], w, a1, damping,
-                    complete, block_rows)
+                    U, proj.p, A, b, m, w, a1, damping, complete, block_rows)
                 theta = self._metric_theta(e, step, damping)
             out.append((U_new, sigma, theta))
         return out
