@@ -14,6 +14,7 @@ Tested Keras range: `SUPPORTED_KERAS` (also declared in pyproject.toml).
 import importlib
 
 import keras
+from keras import ops
 
 SUPPORTED_KERAS = ">=3.10,<4"
 
@@ -63,6 +64,35 @@ _SERIALIZATION_TABLES = (
                  "GLOBAL_CUSTOM_NAMES"),
     _module_attr("keras.src.api_export", "REGISTERED_OBJS_TO_NAMES"),
 )
+
+#: The dtype of a `keras.random.SeedGenerator`'s state on this backend.
+random_seed_dtype = _module_attr("keras.src.backend", "random_seed_dtype")
+
+
+class SeedStream(keras.random.SeedGenerator):
+    """The seeds [base, offset], [base, offset + 1], ... that `keras.random`
+    draws from a `SeedGenerator` whose state is [base, offset], with no
+    variable: ``base`` and ``offset`` may be tensors (traced under ``jit``),
+    and drawing changes no state.
+
+    Relies on Keras drawing a seed from a `SeedGenerator` argument by
+    calling its `next()` (``keras.src.random.seed_generator.draw_seed``) and
+    on nothing else of the class, so no `SeedGenerator.__init__` runs.
+    """
+
+    def __init__(self, base, offset):  # pylint: disable=super-init-not-called
+        dtype = random_seed_dtype()
+        self._base = ops.cast(base, dtype)
+        self._offset = ops.cast(offset, dtype)
+        self._count = 0
+
+    def next(self, ordered=True):
+        seed = ops.stack([self._base, self._offset + self._count])
+        self._count += 1
+        return seed
+
+    def get_config(self):
+        raise TypeError("keras_ginger: a SeedStream is not serializable.")
 
 
 def is_in_jax_tracing_scope(x):

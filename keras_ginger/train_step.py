@@ -3,7 +3,7 @@
 One forward pass, two vector-Jacobian products from it: the loss gradient g
 (exactly Keras's own train step: regularization losses, loss scaling,
 sample weights, metrics) and the Fisher gradient d (the gradient of
-`keras_ginger.fisher_loss.fisher_loss`); both go to the optimizer as
+`keras_ginger.fisher_loss.model_fisher_loss`); both go to the optimizer as
 ``optimizer.apply(g, variables, fisher_grads=d)``. With an optimizer that
 does not take ``fisher_grads`` the train step *is* Keras's own (it delegates
 to it) and nothing extra is computed.
@@ -23,7 +23,8 @@ import keras
 from keras import ops
 
 from keras_ginger import _keras_compat
-from keras_ginger.fisher_loss import fisher_loss
+from keras_ginger.fisher_loss import SEED_STRIDE
+from keras_ginger.fisher_loss import model_fisher_loss
 
 __all__ = [
     "FisherTrainStepBase",
@@ -32,11 +33,6 @@ __all__ = [
     "stateless_apply_with_fisher",
     "unwrap_optimizer",
 ]
-
-# Seeds one train step may draw (one per output with a loss) before the
-# next step's stream starts.
-SEED_STRIDE = 16
-
 
 # --------------------------------------------------------------------------
 # Optimizers
@@ -167,8 +163,10 @@ class FisherTrainStepBase:
         return accepts_fisher_grads(getattr(self, "optimizer", None))
 
     def _fisher_loss(self, y, y_pred, sample_weight):
-        # Counter-based seeding: this step's draws start at (base seed,
-        # SEED_STRIDE · optimizer micro-step). The step is saved with the
+        # Counter-based seeding: this step's draws are (base seed,
+        # SEED_STRIDE · optimizer micro-step + j), j = 0, 1, ..., exactly
+        # those of `keras_ginger.fisher_loss(..., seed=base, step=...)`; the
+        # generator's state only holds the base seed. The step is saved with the
         # optimizer, so a run resumed from a checkpoint samples the labels
         # the uninterrupted run would have. The micro-step count: under
         # gradient accumulation `iterations` stays put for k micro-batches,
@@ -176,8 +174,8 @@ class FisherTrainStepBase:
         sg = self._fisher_seed_generator
         inner, _ = fisher_optimizer(self.optimizer)
         step = ops.cast(_keras_compat.micro_step(inner), sg.state.dtype)
-        sg.state.assign(ops.stack([sg.state[0], step * SEED_STRIDE]))
-        return fisher_loss(self, y, y_pred, sample_weight, sg)
+        seed = _keras_compat.SeedStream(sg.state[0], step * SEED_STRIDE)
+        return model_fisher_loss(self, y, y_pred, sample_weight, seed)
 
     def _fisher_due(self):
         """None when every step needs d; else a boolean tensor (Ginger's

@@ -112,3 +112,21 @@ def test_missing_internal_names_keras_version():
     with pytest.raises(compat.KerasCompatError,
                        match=f"Keras {keras.__version__}.*keras>=3"):
         compat.loss_tracker(object())
+
+
+def test_seed_stream_draws_like_a_seed_generator():
+    """`SeedStream(base, offset)` gives keras.random the seeds a
+    SeedGenerator with state (base, offset) gives, one per draw, and
+    changes no state."""
+    sg = keras.random.SeedGenerator(0)
+    sg.state.assign(ops.convert_to_tensor([12, 32], dtype=sg.state.dtype))
+    stream = compat.SeedStream(12, ops.convert_to_tensor(32))
+    for draw in (keras.random.uniform, keras.random.normal):
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(draw((5,), seed=stream)),
+            ops.convert_to_numpy(draw((5,), seed=sg)))
+    logits = ops.zeros((4, 6))
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(keras.random.categorical(logits, 3, seed=stream)),
+        ops.convert_to_numpy(keras.random.categorical(logits, 3, seed=sg)))
+    assert compat.random_seed_dtype() == sg.state.dtype

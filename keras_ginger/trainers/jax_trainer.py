@@ -15,10 +15,11 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
     loss, and d, the gradient of the sampled-label Fisher loss. Otherwise
     this is Keras's `JAXTrainer.train_step`.
 
-    The sampling seed is the state of ``self._fisher_seed_generator``, one of
-    ``self.non_trainable_variables``: it travels in the stateless train
-    state, is advanced inside the step and returned, so every step (also
-    under jit, and with steps_per_execution > 1) draws fresh samples.
+    The sampling seed is (the base seed held by
+    ``self._fisher_seed_generator``, one of ``self.non_trainable_variables``,
+    the optimizer's micro-step), read from the stateless train state, so
+    every step (also under jit, and with steps_per_execution > 1) draws
+    fresh samples.
     """
 
     def train_step(self, state, data):
@@ -54,18 +55,16 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
             )
             unscaled_loss, y_pred, new_non_trainable, new_metrics = aux
             new_non_trainable = list(new_non_trainable)
-            # The Fisher loss, from the same y_pred, with the seed threaded
-            # through the state.
+            # The Fisher loss, from the same y_pred; the base seed is read
+            # from the train state (the step's draws are derived from it,
+            # nothing is written back).
             with keras.StatelessScope(
                 state_mapping=[
                     (seed_generator.state, new_non_trainable[seed_index])
                 ]
                 + list(zip(self.optimizer.variables, optimizer_variables))
-            ) as scope:
+            ):
                 f_loss = self._fisher_loss(y, y_pred, sample_weight)
-                new_non_trainable[seed_index] = scope.get_current_value(
-                    seed_generator.state
-                )
             with keras.StatelessScope(
                 state_mapping=list(
                     zip(self.optimizer.variables, optimizer_variables)
