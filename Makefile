@@ -20,11 +20,23 @@ install: $(VENV)/.installed
 demo: install
 	KERAS_BACKEND=$${KERAS_BACKEND:-jax} $(PY) examples/quickstart.py
 
-# Each backend in its own pytest process: KERAS_BACKEND is read once, at import.
+# Each backend in its own pytest process (KERAS_BACKEND is read once, at
+# import), the three side by side: most of a test's time is single-threaded
+# (tracing, compiling, Python), so they overlap well even on 2 cores. Each
+# log is printed when all are done; TEST_JOBS=1 runs them one after another.
+TEST_JOBS ?= 3
 test: install
-	@status=0; for b in $(BACKENDS); do \
+	@mkdir -p .test-logs; \
+	run() { KERAS_BACKEND=$$1 $(PY) -m pytest -q -p no:cacheprovider \
+	  --basetemp=$${TMPDIR:-/tmp}/keras-ginger-tests-$$1 --durations=10 \
+	  $(PYTEST_ARGS) tests > .test-logs/$$1.log 2>&1; \
+	  echo $$? > .test-logs/$$1.rc; echo "--- $$1 done (rc $$(cat .test-logs/$$1.rc))"; }; \
+	if [ "$(TEST_JOBS)" = 1 ]; then for b in $(BACKENDS); do run $$b; done; \
+	else for b in $(BACKENDS); do run $$b & done; wait; fi; \
+	status=0; for b in $(BACKENDS); do \
 	  echo "=== KERAS_BACKEND=$$b ==="; \
-	  KERAS_BACKEND=$$b $(PY) -m pytest -q $(PYTEST_ARGS) tests || status=1; \
+	  if [ "$$(cat .test-logs/$$b.rc)" = 0 ]; then tail -n 20 .test-logs/$$b.log; \
+	  else cat .test-logs/$$b.log; status=1; fi; \
 	done; exit $$status
 
 test-%: install
@@ -34,4 +46,4 @@ bench: install
 	for b in $(BACKENDS); do KERAS_BACKEND=$$b $(PY) benchmarks/optimizer_speed.py; done
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .test-logs

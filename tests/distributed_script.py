@@ -1,18 +1,18 @@
 """Multi-device Ginger runs, one process per backend setting.
 
     python -m tests.distributed_script jax|tensorflow|jax_model_parallel OUT
-    python -m tests.distributed_script tensorflow_combos OUT
 
 Simulated devices must be configured before the backend starts, hence a
 separate process: JAX with XLA_FLAGS=--xla_force_host_platform_device_count=4
 and keras.distribution.DataParallel; TensorFlow with four logical CPUs and
 tf.distribute.MirroredStrategy. Each run trains the same model on the same
-global batches on one device and on four, with the sampled-Fisher train step,
-and saves both sets of weights (and curvature) to OUT (.npz).
+global batches on one device and on several (JAX 4, TensorFlow 2), with the
+sampled-Fisher train step, and saves both sets of weights (and curvature)
+to OUT (.npz).
 
-``tensorflow_combos``: MirroredStrategy on 2 logical CPUs against one
-device, in the four combinations of with/without a LossScaleOptimizer and
-with/without `with_fisher` (without it d = g, the empirical Fisher).
+``tensorflow`` also runs MirroredStrategy against one device in the four
+combinations of with/without a LossScaleOptimizer and with/without
+`with_fisher` (without it d = g, the empirical Fisher), in the same process.
 """
 
 import os
@@ -20,7 +20,7 @@ import sys
 import warnings
 
 MODE, OUT = sys.argv[1], sys.argv[2]
-DEVICES = 2 if MODE == "tensorflow_combos" else 4
+DEVICES = 2 if MODE == "tensorflow" else 4
 if MODE.startswith("jax"):
     os.environ["KERAS_BACKEND"] = "jax"
     os.environ["XLA_FLAGS"] = (
@@ -138,7 +138,7 @@ def combos():
             for i, (a, b) in enumerate(zip(*weights)):
                 out[f"{key}_single_{i}"] = a
                 out[f"{key}_multi_{i}"] = b
-    np.savez(OUT, **out)
+    return out
 
 
 def _null():
@@ -150,15 +150,15 @@ def _null():
 def main():
     if MODE == "jax_model_parallel":
         return model_parallel()
-    if MODE == "tensorflow_combos":
-        return combos()
     single, M_single = train(build(shifted_mean))
     if MODE == "jax":
         keras.distribution.set_distribution(keras.distribution.DataParallel(
             devices=keras.distribution.list_devices("cpu")))
         multi, M_multi = train(build(shifted_mean))
         sampled, _ = train(build(None))
+        more = {}
     else:
+        more = combos()
         strategy = tf.distribute.MirroredStrategy(
             [f"/cpu:{i}" for i in range(DEVICES)])
         assert strategy.num_replicas_in_sync == DEVICES
@@ -168,7 +168,7 @@ def main():
             sampled, _ = train(build(None))
     np.savez(OUT, *single, *multi, M_single=M_single, M_multi=M_multi,
              n=len(single), sampled_finite=all(np.isfinite(w).all()
-                                               for w in sampled))
+                                               for w in sampled), **more)
 
 
 if __name__ == "__main__":

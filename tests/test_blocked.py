@@ -92,27 +92,13 @@ def test_invalid_d_is_taken_as_zero(block_rows):
         assert rel_err(x, y) <= 1e-6
 
 
-def _compiled(fn):
-    """fn as training compiles it (eager loops are slow on JAX and TF)."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.jit(fn)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn, jit_compile=True)
-    return fn
-
-
 def test_orthonormality_blocked_2000_steps():
     """As the whole-array test, with the walk (both residual paths)."""
     rng = np.random.default_rng(7)
     n, k = 500, 8
     mix = rng.standard_normal((n, n)) / np.sqrt(n)
-    update = _compiled(lambda U, s, d: curvature.ginger_update(
-        U, s, d, d, 0.99, 1e-3, block_rows=64))
+    update = whole.compiled(lambda U, s, d: curvature.ginger_update(
+        U, s, d, d, 0.99, 1e-3, block_rows=64), xla=True)
     U = ops.convert_to_tensor(curvature.initial_basis(n, k))
     s = ops.zeros((k,))
     for t in range(2000):
@@ -127,31 +113,6 @@ def test_orthonormality_blocked_2000_steps():
 @pytest.mark.parametrize("damping", [1e-1, 1e-8])
 def test_exact_state_blocked(small_blocks, damping):
     whole.test_exact_state_matches_dense_solve(damping)
-
-
-def _drive_jit(opt, var, gs, ds):
-    """`whole.drive` through a jitted `stateless_apply` (JAX): an eager JAX
-    loop would be compiled anew at every update."""
-    import jax
-
-    opt.build([var])
-
-    @jax.jit
-    def update(opt_vars, g, d):
-        zero = ops.zeros(var.shape)
-        (value,), opt_vars = opt.stateless_apply(opt_vars, [g], [zero],
-                                                 fisher_grads=[d])
-        return value, opt_vars
-
-    opt_vars = [v.value for v in opt.variables]
-    steps = []
-    for g, d in zip(gs, ds):
-        value, opt_vars = update(opt_vars, g.reshape(var.shape),
-                                 d.reshape(var.shape))
-        steps.append(-np.asarray(value, np.float64).ravel())
-    for v, value in zip(opt.variables, opt_vars):
-        v.assign(value)
-    return steps
 
 
 @pytest.mark.parametrize("setting", ["paper", "default"])
@@ -169,9 +130,9 @@ def test_truncated_blocked(small_blocks, damping, setting):
     ref = DenseGinger(n, tau, 0.9, 0.99, damping, **kwargs)
     var = keras.Variable(np.zeros((12, 10), np.float32))
     opt = Ginger(learning_rate=1.0, tau=tau, damping=damping, **kwargs)
-    drive = _drive_jit if keras.backend.backend() == "jax" else whole.drive
+    got_steps = whole.drive(opt, var, gs, ds, compile=True)
     worst = 0.0
-    for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
+    for got, g, d in zip(got_steps, gs, ds):
         worst = max(worst, rel_err(got, ref.step(g, d)))
     assert worst <= 1e-4
     M, U, s = whole.dense_curvature(opt, var)

@@ -52,30 +52,32 @@ def test_jax_model_parallel_shards_basis_like_variable(tmp_path):
     assert list(z["shard_rows"]) == [int(z["n"]) // 4]
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TF's")
-def test_tf_mirrored_strategy_equals_one_device(tmp_path):
-    assert_same_training(run_script("tensorflow", tmp_path))
-
-
 @pytest.fixture(scope="module")
-def tf_combos(tmp_path_factory):
-    return run_script("tensorflow_combos", tmp_path_factory.mktemp("combos"))
+def tf_run(tmp_path_factory):
+    """One TensorFlow process (2 logical CPUs) for all MirroredStrategy
+    checks: TF's start-up and tracing dominate their time."""
+    return run_script("tensorflow", tmp_path_factory.mktemp("mirrored"))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TF's")
+def test_tf_mirrored_strategy_equals_one_device(tf_run):
+    assert_same_training(tf_run)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TF's")
 @pytest.mark.parametrize("loss_scale", ["plain", "lso"])
 @pytest.mark.parametrize("fisher", ["fisher", "empirical"])
-def test_tf_mirrored_two_replicas_equal_one_device(tf_combos, loss_scale,
+def test_tf_mirrored_two_replicas_equal_one_device(tf_run, loss_scale,
                                                    fisher):
     """2 logical CPUs = one device on the same global batch, 3 epochs, with
     and without a LossScaleOptimizer (d through the per-replica hand-over),
     with and without `with_fisher` (without it d is the reduced g, not
     g/√R)."""
     key = f"{loss_scale}_{fisher}"
-    names = sorted(k for k in tf_combos.files if k.startswith(key + "_single"))
+    names = sorted(k for k in tf_run.files if k.startswith(key + "_single"))
     assert names
     for name in names:
-        single = tf_combos[name]
-        multi = tf_combos[name.replace("_single_", "_multi_")]
+        single = tf_run[name]
+        multi = tf_run[name.replace("_single_", "_multi_")]
         moved = np.linalg.norm(multi - single)
         assert moved <= 1e-5 * np.linalg.norm(single), (name, moved)

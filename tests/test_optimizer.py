@@ -25,18 +25,69 @@ def f32(x):
     return np.asarray(x, np.float32)
 
 
-def drive(opt, var, gs, ds, lr=1.0):
+def compiled(fn, xla=False):
+    """``fn`` compiled as Keras's trainers compile a step: `jax.jit`,
+    `tf.function` (eager TF's kernels; XLA with ``xla``); torch eager."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=xla)
+    return fn
+
+
+def drive(opt, var, gs, ds, lr=1.0, compile=False):
     """Apply (g, d) pairs; return the steps, each as a float64 array.
 
     The variable is reset to 0 before each update, so that after it the
-    variable holds exactly -lr * step in float32.
+    variable holds exactly -lr * step in float32. ``compile``: each update
+    jitted (JAX: `stateless_apply` under `jax.jit`; TensorFlow: `apply` in
+    a `tf.function`); torch stays eager.
     """
+    if compile and keras.backend.backend() == "jax":
+        return _drive_jit(opt, var, gs, ds, lr)
+
+    def update(g, fisher):
+        var.assign(ops.zeros(var.shape, "float32"))
+        opt.apply([g], [var], fisher_grads=fisher)
+
+    if compile and keras.backend.backend() == "tensorflow":
+        opt.build([var])
+        update = compiled(update)
     steps = []
     for g, d in zip(gs, ds):
-        var.assign(np.zeros(var.shape, np.float32))
         fisher = None if d is None else [f32(d).reshape(var.shape)]
-        opt.apply([f32(g).reshape(var.shape)], [var], fisher_grads=fisher)
+        update(f32(g).reshape(var.shape), fisher)
         steps.append(-np.asarray(ops.convert_to_numpy(var), np.float64) / lr)
+    return steps
+
+
+def _drive_jit(opt, var, gs, ds, lr):
+    """`drive` through a jitted `stateless_apply` (JAX): an eager JAX loop
+    compiles closure-bodied loops and conds anew at every update."""
+    import jax
+
+    opt.build([var])
+
+    @jax.jit
+    def update(opt_vars, g, d):
+        zero = ops.zeros(var.shape)
+        (value,), opt_vars = opt.stateless_apply(opt_vars, [g], [zero],
+                                                 fisher_grads=[d])
+        return value, opt_vars
+
+    opt_vars = [v.value for v in opt.variables]
+    steps = []
+    for g, d in zip(gs, ds):
+        value, opt_vars = update(opt_vars, f32(g).reshape(var.shape),
+                                 f32(d).reshape(var.shape))
+        steps.append(-np.asarray(value, np.float64).ravel() / lr)
+    for v, value in zip(opt.variables, opt_vars):
+        v.assign(value)
     return steps
 
 
@@ -199,10 +250,12 @@ def test_orthonormality_over_2000_float32_steps():
     mix = rng.standard_normal((n, n)) / np.sqrt(n)
     U = ops.convert_to_tensor(curvature.initial_basis(n, k))
     s = ops.zeros((k,))
+    update = compiled(
+        lambda U, s, d: curvature.ginger_update(U, s, d, d, 0.99, 1e-3)[:2])
     for t in range(2000):
         x = rng.standard_normal(n)
         d = ops.convert_to_tensor(f32(mix @ x if t % 3 else x))
-        U, s, _ = curvature.ginger_update(U, s, d, d, 0.99, 1e-3)
+        U, s = update(U, s, d)
     U = np.asarray(ops.convert_to_numpy(U), np.float64)
     assert np.linalg.norm(U.T @ U - np.eye(k)) <= 1e-4
 
@@ -392,6 +445,11 @@ def _compile(model, jit=False):
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_fit_trains_a_small_model(jit):
+    if jit and keras.backend.backend() == "torch":
+        # torch.compile of this fit takes ~70 s on 2 CPU cores; fit under
+        # torch.compile is run by test_fisher.py::test_fit_modes_and_seed_
+        # advances[1-True].
+        pytest.skip("torch.compile covered in test_fisher.py")
     X, y = _digits()
     model = _mlp()
     _compile(model, jit)
@@ -430,12 +488,19 @@ def test_save_load_continue_equals_uninterrupted(tmp_path):
                                ops.convert_to_numpy(s_res), rtol=1e-5)
 
 
+# Each backend's process checks itself against the next backend in this
+# ring (a subprocess): every pair of backends is compared once across the
+# three test processes, and each process starts one other backend, not two.
+NEXT_BACKEND = {"jax": "tensorflow", "tensorflow": "torch", "torch": "jax"}
+
+
 def test_backends_agree_on_one_stream(tmp_path):
-    """This backend's result equals the other two backends' (subprocesses)."""
+    """This backend's result equals the next backend's (a subprocess)."""
+    this = keras.backend.backend()
     results = {}
-    for backend in ("jax", "tensorflow", "torch"):
+    for backend in (this, NEXT_BACKEND[this]):
         out = os.path.join(tmp_path, f"{backend}.npz")
-        if backend == keras.backend.backend():
+        if backend == this:
             from tests import agree_script
 
             agree_script.run(out)
@@ -447,7 +512,7 @@ def test_backends_agree_on_one_stream(tmp_path):
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         results[backend] = np.load(out)
-    base = results[keras.backend.backend()]
+    base = results[this]
     for backend, other in results.items():
         for key in base.files:
             assert rel_err(other[key], base[key]) <= 1e-5, (backend, key)

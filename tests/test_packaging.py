@@ -72,7 +72,7 @@ def installed_wheel(tmp_path_factory):
     # A copy of the checkout: the build writes build/ and *.egg-info.
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".venv", ".git", "build", "*.egg-info", "__pycache__", "results",
-        ".pytest_cache"))
+        ".pytest_cache", ".test-logs"))
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps",
           "--no-build-isolation", "-q", str(src), "-w", str(tmp / "dist")])
     (wheel,) = (tmp / "dist").glob("keras_ginger-*.whl")

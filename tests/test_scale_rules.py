@@ -87,7 +87,7 @@ def test_relative_damping_without_graft_matches_reference(interval):
     opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=1e-2,
                               graft=None, relative_damping=True,
                               curvature_interval=interval)
-    got = drive(opt, var, gs, ds)
+    got = drive(opt, var, gs, ds, compile=True)
     ref = DenseGinger(n, tau, 0.9, 0.99, 1e-2, relative_damping=True)
     for t, (step, g, d) in enumerate(zip(got, gs, ds)):
         if interval == 1:
