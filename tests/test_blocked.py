@@ -22,6 +22,7 @@ BLOCK = 16  # n = 120 -> 7 full blocks and a tail of 8 rows; n = 1000 -> 62 + 8
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(Ginger, "_block_rows", staticmethod(lambda U: BLOCK))
+    monkeypatch.setattr(whole, "COMPILE_DRIVE", True)
 
 
 def _update(U, sigma, d, m, block_rows, valid=None, theta=None, eta=None):
@@ -93,12 +94,13 @@ def test_invalid_d_is_taken_as_zero(block_rows):
 
 
 def test_orthonormality_blocked_2000_steps():
-    """As the whole-array test, with the walk (both residual paths)."""
+    """As the whole-array test, with the walk (both residual paths; blocks
+    of 192 rows: two full blocks and a tail of 116)."""
     rng = np.random.default_rng(7)
     n, k = 500, 8
     mix = rng.standard_normal((n, n)) / np.sqrt(n)
     update = whole.compiled(lambda U, s, d: curvature.ginger_update(
-        U, s, d, d, 0.99, 1e-3, block_rows=64), xla=True)
+        U, s, d, d, 0.99, 1e-3, block_rows=192), xla=True)
     U = ops.convert_to_tensor(curvature.initial_basis(n, k))
     s = ops.zeros((k,))
     for t in range(2000):

@@ -40,6 +40,11 @@ def compiled(fn, xla=False):
     return fn
 
 
+# test_blocked.py sets this: its walk over U runs its loops eagerly (slowly)
+# otherwise.
+COMPILE_DRIVE = False
+
+
 def drive(opt, var, gs, ds, lr=1.0, compile=False):
     """Apply (g, d) pairs; return the steps, each as a float64 array.
 
@@ -48,6 +53,7 @@ def drive(opt, var, gs, ds, lr=1.0, compile=False):
     jitted (JAX: `stateless_apply` under `jax.jit`; TensorFlow: `apply` in
     a `tf.function`); torch stays eager.
     """
+    compile = compile or COMPILE_DRIVE
     if compile and keras.backend.backend() == "jax":
         return _drive_jit(opt, var, gs, ds, lr)
 
