@@ -277,33 +277,44 @@ class _LastFisher(keras.optimizers.SGD):
         super().apply(grads, trainable_variables)
 
 
-def _t5_fisher_d(proto, x, y, sw):
+def _t5_fisher_d(proto):
+    """(the T5's preprocessor, d_for(x, y, sw) -> d of one train step). One
+    model for all calls: lr = 0 keeps the weights, and the step counter is
+    reset so that every call samples from the same seeds."""
+    from keras_ginger import _keras_compat
+
     model = td.build_tiny_t5(proto, encoder_sequence_length=ENC_LEN,
                              decoder_sequence_length=DEC_LEN, seed=0,
                              dropout=0.0, num_layers=1)
+    preprocessor = model.preprocessor
     model.preprocessor = None  # train on token ids
     _ginger().with_fisher(model, seed=11)
     opt = _LastFisher(learning_rate=0.0, name="last_fisher")
     td.compile_t5(model, opt)
-    model.train_on_batch(x, y, sample_weight=sw)
-    return [np.array(keras.ops.convert_to_numpy(v)) for v in opt.last_d]
+
+    def d_for(x, y, sw):
+        _keras_compat.micro_step(opt).assign(0)
+        model.train_on_batch(x, y, sample_weight=sw)
+        return [np.array(keras.ops.convert_to_numpy(v)) for v in opt.last_d]
+
+    return preprocessor, d_for
 
 
 def test_t5_padding_tokens_are_excluded_from_d(proto):
     """Labels at padded positions (sample_weight 0) do not change d; the
     weights do (the control)."""
-    model = td.build_tiny_t5(proto, encoder_sequence_length=ENC_LEN,
-                             decoder_sequence_length=DEC_LEN, seed=0)
-    x, y, sw = td.preprocess_pairs(model.preprocessor, SHORT_PAIRS)
+    preprocessor, d_for = _t5_fisher_d(proto)
+    x, y, sw = td.preprocess_pairs(preprocessor, SHORT_PAIRS)
     assert (sw == 0).any() and (sw == 1).any()
-    d1 = _t5_fisher_d(proto, x, y, sw)
+    d1 = d_for(x, y, sw)
     assert sum(float(np.abs(a).sum()) for a in d1) > 0
+    np.testing.assert_array_equal(d_for(x, y, sw)[0], d1[0])  # same seeds
     y_junk = np.where(sw == 0, (y + 7) % (VOCAB - 3) + 3, y)
-    for a, b in zip(d1, _t5_fisher_d(proto, x, y_junk, sw)):
+    for a, b in zip(d1, d_for(x, y_junk, sw)):
         np.testing.assert_array_equal(a, b)
     sw_fewer = sw.copy()
     sw_fewer[0, :] = 0  # the first summary's tokens no longer count
-    d2 = _t5_fisher_d(proto, x, y, sw_fewer)
+    d2 = d_for(x, y, sw_fewer)
     assert any(not np.array_equal(a, b) for a, b in zip(d1, d2))
 
 
