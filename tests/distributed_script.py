@@ -4,15 +4,15 @@
 
 Simulated devices must be configured before the backend starts, hence a
 separate process: JAX with XLA_FLAGS=--xla_force_host_platform_device_count=4
-and keras.distribution.DataParallel; TensorFlow with four logical CPUs and
+and keras.distribution.DataParallel; TensorFlow with two logical CPUs and
 tf.distribute.MirroredStrategy. Each run trains the same model on the same
-global batches on one device and on several (JAX 4, TensorFlow 2), with the
-sampled-Fisher train step, and saves both sets of weights (and curvature)
-to OUT (.npz).
+global batches on one device and on several, with the sampled-Fisher train
+step, and saves both sets of weights (and curvature) to OUT (.npz).
 
-``tensorflow`` also runs MirroredStrategy against one device in the four
-combinations of with/without a LossScaleOptimizer and with/without
-`with_fisher` (without it d = g, the empirical Fisher), in the same process.
+``tensorflow``: MirroredStrategy on 2 logical CPUs against one device in
+the four combinations of with/without a LossScaleOptimizer and with/without
+`with_fisher` (without it d = g, the empirical Fisher), the curvature of the
+plain `with_fisher` run, and a run with the random sampler.
 """
 
 import os
@@ -65,10 +65,7 @@ def train(model):
     X = rng.standard_normal((64, 5)).astype("float32")
     Y = rng.standard_normal((64, 3)).astype("float32")
     model.fit(X, Y, batch_size=32, epochs=2, shuffle=False, verbose=0)
-    U, s = model.optimizer.get_curvature(model.trainable_variables[0])
-    U = np.asarray(keras.ops.convert_to_numpy(U), np.float64)
-    s = np.asarray(keras.ops.convert_to_numpy(s), np.float64)
-    return [np.asarray(w) for w in model.get_weights()], (U * s) @ U.T
+    return [np.asarray(w) for w in model.get_weights()], curvature_matrix(model)
 
 
 def model_parallel():
@@ -133,12 +130,25 @@ def combos():
                 losses = history.history["loss"]
                 assert losses[-1] < losses[0], losses
                 weights.append([np.asarray(w) for w in model.get_weights()])
+                if fisher and not loss_scale:  # g and d both reduced
+                    where = "multi" if scope else "single"
+                    out[f"M_{where}"] = curvature_matrix(model)
             key = f"{'lso' if loss_scale else 'plain'}_" \
                   f"{'fisher' if fisher else 'empirical'}"
             for i, (a, b) in enumerate(zip(*weights)):
                 out[f"{key}_single_{i}"] = a
                 out[f"{key}_multi_{i}"] = b
+    with strategy.scope():  # the random (Gaussian) sampler runs too
+        sampled, _ = train(build(None))
+    out["sampled_finite"] = all(np.isfinite(w).all() for w in sampled)
     return out
+
+
+def curvature_matrix(model):
+    U, s = model.optimizer.get_curvature(model.trainable_variables[0])
+    U = np.asarray(keras.ops.convert_to_numpy(U), np.float64)
+    s = np.asarray(keras.ops.convert_to_numpy(s), np.float64)
+    return (U * s) @ U.T
 
 
 def _null():
@@ -150,25 +160,16 @@ def _null():
 def main():
     if MODE == "jax_model_parallel":
         return model_parallel()
+    if MODE == "tensorflow":
+        return np.savez(OUT, **combos())
     single, M_single = train(build(shifted_mean))
-    if MODE == "jax":
-        keras.distribution.set_distribution(keras.distribution.DataParallel(
-            devices=keras.distribution.list_devices("cpu")))
-        multi, M_multi = train(build(shifted_mean))
-        sampled, _ = train(build(None))
-        more = {}
-    else:
-        more = combos()
-        strategy = tf.distribute.MirroredStrategy(
-            [f"/cpu:{i}" for i in range(DEVICES)])
-        assert strategy.num_replicas_in_sync == DEVICES
-        with strategy.scope():
-            multi, M_multi = train(build(shifted_mean))
-        with strategy.scope():
-            sampled, _ = train(build(None))
+    keras.distribution.set_distribution(keras.distribution.DataParallel(
+        devices=keras.distribution.list_devices("cpu")))
+    multi, M_multi = train(build(shifted_mean))
+    sampled, _ = train(build(None))
     np.savez(OUT, *single, *multi, M_single=M_single, M_multi=M_multi,
              n=len(single), sampled_finite=all(np.isfinite(w).all()
-                                               for w in sampled), **more)
+                                               for w in sampled))
 
 
 if __name__ == "__main__":
