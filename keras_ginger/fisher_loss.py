@@ -66,6 +66,8 @@ def fisher_loss(y_pred, loss, *, seed=None, step=None, y_true=None,
         step: with an int ``seed``, the optimizer step (e.g.
             ``optimizer.iterations``; a tensor is fine); pass a new one on
             every step, or every step samples the same labels. Default 0.
+            (`fit` counts the optimizer's applies, which is `iterations`
+            unless ``gradient_accumulation_steps`` is set.)
         y_true: the true targets; needed only for a loss with
             ``ignore_class`` (its tokens are left out).
         sample_weight: sample weights (a structure for several outputs), as
