@@ -68,11 +68,6 @@ def _check_scale_arguments(graft, relative_damping, graft_beta_2,
         raise ValueError(
             f"Argument `metric` must be one of {METRICS}. Received: "
             f"metric={metric!r}")
-    if metric is not None and graft is not None:
-        raise ValueError(
-            "Argument `metric='adam'` sets the step's scale itself (Adam's "
-            "step where the curvature is zero): pass `graft=None` with it. "
-            f"Received: metric={metric!r}, graft={graft!r}")
     if not isinstance(relative_damping, bool):
         raise ValueError(
             "Argument `relative_damping` must be a bool. Received: "
@@ -307,8 +302,9 @@ class Ginger(keras.optimizers.Optimizer):
             curvature is kept for d̃ = D^{-1/2}d, D = (√v + ε)/√(1-β₂'ᵗ)
             (Adam's denominator), and the step is
             γₜ·D^{-1/2}(γₜI + M̃)⁻¹D^{-1/2}m̂, which is exactly Adam's step
-            where the curvature is zero. Needs ``graft=None`` (it sets its
-            own scale). Defaults to None.
+            where the curvature is zero. With ``graft="adam"`` that step is
+            rescaled per variable to the norm of Adam's step (one more
+            reduction over the step). Defaults to None.
         {{base_optimizer_keyword_args}}
     """
 
@@ -743,9 +739,14 @@ class Ginger(keras.optimizers.Optimizer):
 
     def _metric_theta(self, e, step, damping):
         """θ - η_t γₜ D^{-1/2} (γₜI + M̃)⁻¹ D^{-1/2} m: with M̃ = 0 this is
-        Adam's update θ - lr·m̂/D (`metric='adam'`)."""
-        rate = e.eta * damping
-        return self._theta(e.var) - rate * e.adam.inv_sqrt_d * step
+        Adam's update θ - lr·m̂/D (`metric='adam'`). With grafting, the
+        same direction with the norm of Adam's step, lr·‖m̂/D‖."""
+        direction = e.adam.inv_sqrt_d * step
+        if self.graft is None:
+            return self._theta(e.var) - (e.eta * damping) * direction
+        norm = ops.sqrt(ops.sum(direction * direction))
+        rate = e.lr * e.adam.norm / ops.where(norm > 0.0, norm, 1.0)
+        return self._theta(e.var) - ops.where(e.g_ok, rate, 0.0) * direction
 
     def _identity_step(self, e):
         """The step of a variable without curvature: η_t·m/γ (paper) or

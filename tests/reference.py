@@ -18,7 +18,8 @@ class DenseGinger:
     ``graft_beta_2``). ``relative_damping``: γ is damping·λ_max(M) (damping
     itself while M = 0). ``metric="adam"``: M is the EMA of d̃d̃ᵀ with
     d̃ = D^{-1/2}d, D Adam's denominator, and the step is
-    γ·D^{-1/2}(γI + M)⁻¹D^{-1/2}m̂."""
+    γ·D^{-1/2}(γI + M)⁻¹D^{-1/2}m̂ (with ``graft="adam"`` too: that
+    direction, Adam's norm)."""
 
     def __init__(self, n, tau, beta_1, beta_2, damping, graft=None,
                  relative_damping=False, graft_beta_2=0.999,
@@ -63,7 +64,7 @@ class DenseGinger:
             damping = self.damping * top
         direction = np.linalg.solve(damping * np.eye(n) + self.M, s * m_hat)
         if self.metric == "adam":
-            return damping * s * direction
+            direction = damping * s * direction
         if self.graft is None:
             return direction
         adam = m_hat / D

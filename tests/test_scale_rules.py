@@ -34,16 +34,18 @@ def test_grafted_step_matches_dense_reference(relative, damping):
     assert worst <= 1e-4
 
 
-@pytest.mark.parametrize("relative", [False, True])
-def test_adam_metric_step_matches_dense_reference(relative):
+@pytest.mark.parametrize("relative,graft", [(False, None), (True, None),
+                                            (True, "adam")])
+def test_adam_metric_step_matches_dense_reference(relative, graft):
     """metric='adam': curvature of D^{-1/2}d, step γ·D^{-1/2}(γI + M̃)⁻¹
-    D^{-1/2}m̂, against a float64 dense solve over 60 steps."""
+    D^{-1/2}m̂ (grafted: that direction with Adam's norm), against a
+    float64 dense solve over 60 steps."""
     rng = np.random.default_rng(8)
     n, tau, steps = 120, 6, 60
     ds = [f32(d) for d in separated_stream(rng, n, tau, steps)]
     gs = [f32(rng.standard_normal(n) * rng.uniform(0.1, 3.0, n))
           for _ in range(steps)]
-    kwargs = dict(graft=None, relative_damping=relative, metric="adam")
+    kwargs = dict(graft=graft, relative_damping=relative, metric="adam")
     ref = DenseGinger(n, tau, 0.9, 0.99, 0.1, **kwargs)
     var = keras.Variable(np.zeros((12, 10), np.float32))
     opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=0.1,
@@ -149,6 +151,17 @@ def test_default_is_invariant_to_the_loss_scale():
         assert np.linalg.norm(_run(c) - base) <= 1e-3 * moved, c
 
 
+def test_grafted_adam_metric_is_invariant_to_the_loss_scale():
+    """metric='adam' with grafting and relative damping: as the default."""
+    kwargs = dict(metric="adam", graft="adam", relative_damping=True)
+    base = _run(1.0, steps=30, **kwargs)
+    moved = np.linalg.norm(base)
+    assert moved > 0
+    for c in (1e-2, 1e2):
+        assert np.linalg.norm(_run(c, steps=30, **kwargs) - base) \
+            <= 1e-3 * moved, c
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(PAPER, learning_rate=1e-3, damping=1e-2),          # the paper's
     dict(graft="adam", relative_damping=False, damping=1e-2),
@@ -172,7 +185,6 @@ def test_invalid_scale_arguments():
         (dict(graft_beta_2=1.0), "graft_beta_2=1.0"),
         (dict(graft_epsilon=0.0), "graft_epsilon=0.0"),
         (dict(metric="shampoo", graft=None), "metric='shampoo'"),
-        (dict(metric="adam"), "graft=None"),
     ]:
         with pytest.raises(ValueError, match=needle):
             keras_ginger.Ginger(**kwargs)
