@@ -6,8 +6,11 @@ Optimizers (`OPTIMIZERS`; name: how it is built):
   installed package's default (read with `inspect.signature`, never
   hard-coded here);
 * ginger_paper: `Ginger(tau=8, graft=None, relative_damping=False,
-  learning_rate=5e-3, damping=1e-2)`, the paper's algorithm at the earlier
-  defaults;
+  metric=None, learning_rate=5e-3, damping=1e-2)`, the paper's algorithm at
+  the earlier defaults;
+* ginger_euclid: `Ginger(tau=8, metric=None, damping=0.1)`, grafted to
+  Adam with relative damping in the Euclidean metric (the default until
+  2026-11-29 08:00; the "Ginger" rows of the suite's tables until then);
 * ginger_no_curvature: the default Ginger with `exclude_from_curvature=
   [".*"]`: no variable keeps curvature, each takes the scale rule's
   identity step;
@@ -60,10 +63,15 @@ OPTIMIZERS = {
                    color="#a63603", default_row=True),
     "ginger_paper": dict(kind="ginger",
                          kwargs={"tau": 8, "graft": None,
-                                 "relative_damping": False,
+                                 "relative_damping": False, "metric": None,
                                  "learning_rate": 5e-3, "damping": 1e-2},
                          grid=("x", _GINGER_GRID), label="Ginger (paper)",
                          color="#fd8d3c", default_row=False),
+    "ginger_euclid": dict(kind="ginger",
+                          kwargs={"tau": 8, "metric": None, "damping": 0.1},
+                          grid=("x", _GINGER_GRID),
+                          label="Ginger, Euclidean metric",
+                          color="#6a3d9a", default_row=False),
     "ginger_no_curvature": dict(kind="ginger",
                                 kwargs={"tau": 8,
                                         "exclude_from_curvature": [".*"]},

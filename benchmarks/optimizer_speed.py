@@ -129,8 +129,9 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--paper", action="store_true",
                         help="time the paper's step (graft=None, "
-                             "relative_damping=False) instead of the "
-                             "default (grafted to Adam, relative damping)")
+                             "relative_damping=False, metric=None) instead "
+                             "of the default (Adam's metric, grafted to "
+                             "Adam, relative damping)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -150,7 +151,7 @@ def main():
         t_adam = median_seconds(adam, g, d, args.repeats)
         for tau in args.taus:
             var = keras.Variable(np.zeros(n, np.float32))
-            setting = (dict(graft=None, relative_damping=False)
+            setting = (dict(graft=None, relative_damping=False, metric=None)
                        if args.paper else {})
             opt = keras_ginger.Ginger(learning_rate=1e-3, tau=tau, **setting)
             update = compiled_update(opt, var, True)

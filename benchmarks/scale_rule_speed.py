@@ -1,12 +1,13 @@
-"""What the scale rule costs: Ginger's default (grafted to Adam, relative
-damping) against the paper's step and Adam, timed interleaved in one run.
+"""What the scale rule costs: Ginger grafted to Adam (relative damping), in
+the Euclidean metric and in Adam's (`metric="adam"`), against the paper's
+step and Adam, timed interleaved in one run.
 
     KERAS_BACKEND=jax python benchmarks/scale_rule_speed.py [--n 4e6]
         [--tau 8] [--repeats 15]
 
 On a shared machine whose speed moves from minute to minute, timing one
 optimizer after another makes their ratio noisy; here each repeat times
-Adam, the paper's Ginger and the default Ginger back to back (compiled as
+Adam, the paper's Ginger and the two grafted Gingers back to back (compiled as
 `benchmarks/optimizer_speed.py` compiles them) and the report gives the
 median of the per-repeat ratios. Writes results/scale_rule_speed_<backend>.json.
 """
@@ -45,11 +46,14 @@ def main():
                                 False),
         "paper": compiled_update(
             keras_ginger.Ginger(tau=args.tau, graft=None,
-                                relative_damping=False),
+                                relative_damping=False, metric=None),
             keras.Variable(np.zeros(n, "float32")), True),
-        "default": compiled_update(keras_ginger.Ginger(tau=args.tau),
-                                   keras.Variable(np.zeros(n, "float32")),
-                                   True),
+        "graft": compiled_update(
+            keras_ginger.Ginger(tau=args.tau, graft="adam", metric=None),
+            keras.Variable(np.zeros(n, "float32")), True),
+        "metric_graft": compiled_update(
+            keras_ginger.Ginger(tau=args.tau, graft="adam", metric="adam"),
+            keras.Variable(np.zeros(n, "float32")), True),
     }
     for fn in updates.values():  # compile and settle
         for _ in range(3):
@@ -63,8 +67,9 @@ def main():
     ratio = {
         f"{a}_over_{b}": statistics.median(
             x / y for x, y in zip(times[a], times[b]))
-        for a, b in (("paper", "adam"), ("default", "adam"),
-                     ("default", "paper"))
+        for a, b in (("paper", "adam"), ("graft", "adam"),
+                     ("metric_graft", "adam"), ("graft", "paper"),
+                     ("metric_graft", "paper"))
     }
     ns = {k: 1e9 * statistics.median(v) / n for k, v in times.items()}
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "backend": BACKEND,

@@ -225,19 +225,26 @@ class Ginger(keras.optimizers.Optimizer):
         M_t = α M_{t-1} + (1 - α) d_t d_tᵀ      (kept at rank k)
         θ_t = θ_{t-1} - η_t s_t (γ_t I + M_t)⁻¹ m̂_t
 
-    The paper's step (``graft=None, relative_damping=False``) has s_t = 1
-    and γ_t = γ: outside span(U) it is m̂/γ, SGD at rate η/γ, so its outcome
-    depends on the scale of the loss. By default the direction is kept and
-    its scale made independent of the loss scale:
+    The paper's step (``graft=None, relative_damping=False, metric=None``)
+    has s_t = 1 and γ_t = γ: outside span(U) it is m̂/γ, SGD at rate η/γ,
+    so its outcome depends on the scale of the loss. By default the
+    curvature is taken in Adam's diagonal metric and the step's scale made
+    independent of the loss scale:
 
+    * ``metric="adam"``: M_t is the curvature of D^{-1/2}d_t, D Adam's
+      denominator (√v_t + ε)/√(1-β₂'ᵗ), and the direction is
+      D^{-1/2}(γ_t I + M_t)⁻¹D^{-1/2}m̂_t: Adam's m̂/D where M_t = 0, bent
+      away from the directions of large curvature;
     * ``relative_damping=True``: γ_t = γ·σ₁, σ₁ the variable's largest
       curvature eigenvalue (γ while M = 0), so (γ_t I + M_t)⁻¹ only sees the
       shape of the spectrum;
     * ``graft="adam"`` (distributed Shampoo's grafting, per variable): s_t
       gives the step the norm of Keras Adam's step for that variable,
       ‖m̂_t √(1-β₂'ᵗ)/(√v_t + ε)‖ with v_t = β₂' v_{t-1} + (1-β₂') g_t²
-      (β₂' = ``graft_beta_2``, ε = ``graft_epsilon``). The norm of the
-      Woodbury step is known in small space (`curvature.step_norm`).
+      (β₂' = ``graft_beta_2``, ε = ``graft_epsilon``). In the Euclidean
+      metric (``metric=None``) the norm of the Woodbury step is known in
+      small space (`curvature.step_norm`); in Adam's it takes one reduction
+      over the step.
 
     Together, a loss multiplied by c gives the same updates (only Adam's ε
     breaks this), the learning rate means what it means for Adam, and a
@@ -275,7 +282,7 @@ class Ginger(keras.optimizers.Optimizer):
             to the largest eigenvalue σ₁ with `relative_damping` (the
             default), absolute otherwise (then the step outside the rank-k
             subspace is m̂/γ, and learning_rate/damping acts as an SGD
-            learning rate there unless grafted). Defaults to `0.1`.
+            learning rate there unless grafted). Defaults to `0.3`.
         exclude_from_curvature: list of regular expressions; a variable
             whose path matches one (`re.search`) gets the identity
             preconditioner (Adam's step when grafting to Adam, else m̂/γ)
@@ -293,18 +300,20 @@ class Ginger(keras.optimizers.Optimizer):
             None keeps the paper's scale (η times the Woodbury step).
         relative_damping: bool; True (the default) uses γ·σ₁ as the damping
             of each variable, False the paper's absolute γ. The paper's
-            algorithm, bit for bit: ``graft=None, relative_damping=False``.
+            algorithm, bit for bit: ``graft=None, relative_damping=False,
+            metric=None``.
         graft_beta_2: β₂' of Adam's second moment for grafting, in [0, 1).
             Defaults to `0.999` (Adam's).
         graft_epsilon: ε of Adam's step for grafting, > 0. Defaults to
             `1e-7` (Keras Adam's).
-        metric: None, or `"adam"`: Ginger in Adam's diagonal metric. The
-            curvature is kept for d̃ = D^{-1/2}d, D = (√v + ε)/√(1-β₂'ᵗ)
+        metric: `"adam"` (the default): Ginger in Adam's diagonal metric.
+            The curvature is kept for d̃ = D^{-1/2}d, D = (√v + ε)/√(1-β₂'ᵗ)
             (Adam's denominator), and the step is
             γₜ·D^{-1/2}(γₜI + M̃)⁻¹D^{-1/2}m̂, which is exactly Adam's step
-            where the curvature is zero. With ``graft="adam"`` that step is
+            where the curvature is zero; with ``graft="adam"`` it is
             rescaled per variable to the norm of Adam's step (one more
-            reduction over the step). Defaults to None.
+            reduction over the step). None: the Euclidean metric (the
+            paper's), direction (γₜI + M)⁻¹m̂.
         {{base_optimizer_keyword_args}}
     """
 
@@ -316,7 +325,7 @@ class Ginger(keras.optimizers.Optimizer):
         tau=8,
         beta_1=0.9,
         beta_2=0.99,
-        damping=1e-1,
+        damping=0.3,
         exclude_from_curvature=None,
         max_curvature_size=None,
         curvature_interval=1,
@@ -324,7 +333,7 @@ class Ginger(keras.optimizers.Optimizer):
         relative_damping=True,
         graft_beta_2=0.999,
         graft_epsilon=1e-7,
-        metric=None,
+        metric="adam",
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,

@@ -9,7 +9,7 @@ import numpy as np
 
 # Ginger's paper algorithm (Algorithm 1), bit for bit: no grafting, absolute
 # damping. The tests that compare against the paper's formula pass it.
-PAPER = dict(graft=None, relative_damping=False)
+PAPER = dict(graft=None, relative_damping=False, metric=None)
 
 
 class DenseGinger:

@@ -121,10 +121,11 @@ def test_exact_state_blocked(small_blocks, damping):
 @pytest.mark.parametrize("damping", [1e-1, 1e-4, 1e-8])
 def test_truncated_blocked(small_blocks, damping, setting):
     """As the whole-array test: 200 truncated steps against float64, for
-    the paper's step and for the default (grafted, relative damping: the
-    scale rule's η fused into the same pass)."""
+    the paper's step and for the default (Adam's metric, grafted, relative
+    damping)."""
     kwargs = PAPER if setting == "paper" else dict(graft="adam",
-                                                    relative_damping=True)
+                                                    relative_damping=True,
+                                                    metric="adam")
     rng = np.random.default_rng(1)
     n, tau, steps = 120, 6, 200
     ds = [whole.f32(d) for d in separated_stream(rng, n, tau, steps)]

@@ -8,10 +8,9 @@ import pytest
 from keras import ops
 
 import keras_ginger
-from tests.reference import DenseGinger, rel_err, separated_stream
+from tests.reference import PAPER, DenseGinger, rel_err, separated_stream
 from tests.test_optimizer import drive, f32
 
-PAPER = dict(graft=None, relative_damping=False)
 
 
 @pytest.mark.parametrize("relative,damping", [(False, 1e-1), (True, 1e-4)])
@@ -27,7 +26,8 @@ def test_grafted_step_matches_dense_reference(relative, damping):
                       relative_damping=relative)
     var = keras.Variable(np.zeros((12, 10), np.float32))
     opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=damping,
-                              graft="adam", relative_damping=relative)
+                              graft="adam", relative_damping=relative,
+                              metric=None)
     worst = 0.0
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         worst = max(worst, rel_err(got, ref.step(g, d)))
@@ -88,7 +88,7 @@ def test_relative_damping_without_graft_matches_reference(interval):
     var = keras.Variable(np.zeros(n, np.float32))
     opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=1e-2,
                               graft=None, relative_damping=True,
-                              curvature_interval=interval)
+                              metric=None, curvature_interval=interval)
     got = drive(opt, var, gs, ds, compile=True)
     ref = DenseGinger(n, tau, 0.9, 0.99, 1e-2, relative_damping=True)
     for t, (step, g, d) in enumerate(zip(got, gs, ds)):
@@ -144,6 +144,7 @@ def test_default_is_invariant_to_the_loss_scale():
     does, to 1e-3 of how far the weights moved (only Adam's ε breaks it)."""
     defaults = keras_ginger.Ginger()
     assert defaults.graft == "adam" and defaults.relative_damping
+    assert defaults.metric == "adam"
     base = _run(1.0)
     moved = np.linalg.norm(base)
     assert moved > 0
@@ -164,8 +165,9 @@ def test_grafted_adam_metric_is_invariant_to_the_loss_scale():
 
 @pytest.mark.parametrize("kwargs", [
     dict(PAPER, learning_rate=1e-3, damping=1e-2),          # the paper's
-    dict(graft="adam", relative_damping=False, damping=1e-2),
-    dict(graft=None, relative_damping=True, learning_rate=1e-3),
+    dict(graft="adam", relative_damping=False, damping=1e-2, metric=None),
+    dict(graft=None, relative_damping=True, learning_rate=1e-3,
+         metric=None),
 ], ids=["paper", "graft_only", "relative_only"])
 def test_settings_that_are_not_scale_invariant(kwargs):
     """The paper's step (m̂/γ outside span(U)), grafting with an absolute

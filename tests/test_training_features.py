@@ -38,7 +38,7 @@ def f32(x):
 SHAPES = {"kernel": (3, 4), "bias": (4,)}
 # The paper's step, compared with its dense reference.
 HYPER = dict(tau=6, beta_1=0.9, beta_2=0.95, damping=0.1, graft=None,
-             relative_damping=False)
+             relative_damping=False, metric=None)
 
 
 def _variables(seed=0):
