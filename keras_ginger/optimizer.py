@@ -297,7 +297,9 @@ class Ginger(keras.optimizers.Optimizer):
         graft: how the preconditioned direction is scaled: `"adam"` (the
             default) gives each variable's step the norm of Adam's step and
             keeps Adam's second moment v (one more float per parameter);
-            None keeps the paper's scale (η times the Woodbury step).
+            None does not rescale (with ``metric=None``, the paper's η times
+            the Woodbury step; with ``metric="adam"``, the metric's own
+            scale, see ``metric``).
         relative_damping: bool; True (the default) uses γ·σ₁ as the damping
             of each variable, False the paper's absolute γ. The paper's
             algorithm, bit for bit: ``graft=None, relative_damping=False,
