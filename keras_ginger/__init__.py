@@ -16,6 +16,10 @@ Modules, imports pointing one way (each imports only those above it):
     wrapping        `with_fisher` (the class swap)
     callbacks       `CurvatureLogger`, `NonFiniteReporter`, plots
     checkpoint      `load_training_state` (weights + optimizer state)
+
+Backend-only modules, not imported here: `tf_distribute` (tf.distribute,
+used by `Ginger` itself) and `torch_distributed` (`all_reduce_fisher_grads`
+for torch.distributed custom loops).
 """
 
 from keras_ginger import callbacks

@@ -28,6 +28,7 @@ MODULES = sorted(
 # Modules that import one backend's framework at import time.
 BACKEND_ONLY = {
     "keras_ginger.tf_distribute": "tensorflow",
+    "keras_ginger.torch_distributed": "torch",
     "keras_ginger.trainers.jax_trainer": "jax",
     "keras_ginger.trainers.tensorflow_trainer": "tensorflow",
     "keras_ginger.trainers.torch_trainer": "torch",
