@@ -479,7 +479,9 @@ class Ginger(keras.optimizers.Optimizer):
     def get_curvature(self, variable):
         """(U, σ) of `variable`: shapes (n, k) and (k,), σ descending.
 
-        The curvature estimate is U diag(σ) Uᵀ over the flattened variable.
+        The curvature estimate is U diag(σ) Uᵀ over the flattened variable:
+        of d itself with ``metric=None``, of D^{-1/2}d (in Adam's metric,
+        unitless) with ``metric="adam"``, the default.
         """
         self._check_built("get_curvature")
         idx = _keras_compat.variable_index(self, variable)
