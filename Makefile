@@ -22,12 +22,14 @@ demo: install
 
 # Each backend in its own pytest process (KERAS_BACKEND is read once, at
 # import), the three side by side: most of a test's time is single-threaded
-# (tracing, compiling, Python), so they overlap well even on 2 cores. Each
-# log is printed when all are done; TEST_JOBS=1 runs them one after another.
+# (tracing, compiling, Python), so they overlap well even on 2 cores; torch
+# runs its ops on one thread, leaving the cores to the two XLA backends.
+# Each log is printed when all are done; TEST_JOBS=1 runs them in turn.
 TEST_JOBS ?= 3
 test: install
 	@mkdir -p .test-logs; \
-	run() { KERAS_BACKEND=$$1 $(PY) -m pytest -q -p no:cacheprovider \
+	run() { one=; [ "$$1" = torch ] && one=OMP_NUM_THREADS=1; \
+	  env $$one KERAS_BACKEND=$$1 $(PY) -m pytest -q -p no:cacheprovider \
 	  --basetemp=$${TMPDIR:-/tmp}/keras-ginger-tests-$$1 --durations=10 \
 	  $(PYTEST_ARGS) tests > .test-logs/$$1.log 2>&1; \
 	  echo $$? > .test-logs/$$1.rc; echo "--- $$1 done (rc $$(cat .test-logs/$$1.rc))"; }; \
