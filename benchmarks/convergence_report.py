@@ -196,7 +196,7 @@ def markdown(rows, meta):
     shown = {k: v for k, v in gd.items()
              if k in ("learning_rate", "tau", "beta_1", "beta_2", "damping",
                       "graft", "relative_damping", "graft_beta_2",
-                      "graft_epsilon")}
+                      "graft_epsilon", "metric")}
     lines = [
         f"# Convergence suite ({meta['date']})",
         "",
