@@ -886,6 +886,19 @@ class Ginger(keras.optimizers.Optimizer):
         })
         return config
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """As Keras's; a config written before a scale argument existed
+        loads with the step it was written with, not today's default: no
+        `graft` (keras-ginger 0.1.0) is the paper's step, no `metric` the
+        Euclidean one. Its saved state then matches the variables built."""
+        config = dict(config)
+        if "graft" not in config:
+            config.setdefault("relative_damping", False)
+            config["graft"] = None
+        config.setdefault("metric", None)
+        return super().from_config(config, custom_objects=custom_objects)
+
 
 # The standard keyword documentation, as Keras's own optimizers use it.
 Ginger.__doc__ = Ginger.__doc__.replace(

@@ -424,6 +424,34 @@ def test_config_round_trip():
     assert again.get_config() == config
 
 
+@pytest.mark.parametrize("written_by", ["0.1.0", "before_metric"])
+def test_old_configs_load_with_the_step_they_were_written_with(written_by):
+    """A config without `graft` (0.1.0) is the paper's step, one without
+    `metric` the Euclidean one, not today's default; the state it was saved
+    with then matches the variables the loaded optimizer builds."""
+    old = keras_ginger.Ginger(tau=3, damping=1e-2, **(
+        PAPER if written_by == "0.1.0" else dict(metric=None)))
+    config = old.get_config()
+    dropped = ["metric"]
+    if written_by == "0.1.0":
+        dropped += ["graft", "relative_damping", "graft_beta_2",
+                    "graft_epsilon"]
+    for key in dropped:
+        del config[key]
+    loaded = keras.optimizers.deserialize(
+        {"class_name": "Ginger", "module": "keras_ginger",
+         "config": config, "registered_name": keras.saving.get_registered_name(
+             keras_ginger.Ginger)})
+    assert isinstance(loaded, keras_ginger.Ginger)
+    for key in ("graft", "relative_damping", "metric"):
+        assert getattr(loaded, key) == getattr(old, key), key
+    var = keras.Variable(np.zeros((4, 3), np.float32))
+    old.build([var])
+    loaded.build([var])
+    assert [tuple(v.shape) for v in loaded.variables] == \
+        [tuple(v.shape) for v in old.variables]
+
+
 def _digits(n=256):
     from sklearn.datasets import load_digits
 
