@@ -27,7 +27,7 @@ from keras import tree
 from keras_ginger import _keras_compat
 from keras_ginger import samplers
 
-__all__ = ["fisher_loss", "model_fisher_loss", "SEED_STRIDE"]
+__all__ = ["fisher_loss", "model_fisher_loss", "seed_stream", "SEED_STRIDE"]
 
 # Seeds one train step may draw (one per output with a loss) before the
 # next step's stream starts.
@@ -79,7 +79,7 @@ def fisher_loss(y_pred, loss, *, seed=None, step=None, y_true=None,
     Returns:
         A float32 scalar tensor.
     """
-    seed = _seed_stream(seed, step)
+    seed = seed_stream(seed, step)
     if isinstance(loss, keras.Model):
         if loss_weights is not None:
             raise ValueError(
@@ -94,7 +94,10 @@ def fisher_loss(y_pred, loss, *, seed=None, step=None, y_true=None,
                              seed)
 
 
-def _seed_stream(seed, step):
+def seed_stream(seed, step):
+    """What `keras.random` takes as the seed of step ``step``: the stream
+    (seed, SEED_STRIDE·step + j) for an int seed (the train step's too), or
+    a `SeedGenerator` / None as given."""
     if isinstance(seed, keras.random.SeedGenerator) or seed is None:
         if step is not None:
             raise ValueError(

@@ -23,8 +23,8 @@ import keras
 from keras import ops
 
 from keras_ginger import _keras_compat
-from keras_ginger.fisher_loss import SEED_STRIDE
 from keras_ginger.fisher_loss import model_fisher_loss
+from keras_ginger.fisher_loss import seed_stream
 
 __all__ = [
     "FisherTrainStepBase",
@@ -173,8 +173,7 @@ class FisherTrainStepBase:
         # which must not share their samples.
         sg = self._fisher_seed_generator
         inner, _ = fisher_optimizer(self.optimizer)
-        step = ops.cast(_keras_compat.micro_step(inner), sg.state.dtype)
-        seed = _keras_compat.SeedStream(sg.state[0], step * SEED_STRIDE)
+        seed = seed_stream(sg.state[0], _keras_compat.micro_step(inner))
         return model_fisher_loss(self, y, y_pred, sample_weight, seed)
 
     def _fisher_due(self):
