@@ -60,9 +60,9 @@ from convergence_tasks import (  # noqa: E402,F401
     TASKS, AclsumT5, BreastCancer, CharLM, Diabetes, Digits, Embeddings,
     T5Finetune, Task)
 from convergence_harness import (  # noqa: E402,F401
-    COLORS, DEFAULT_OPTIMIZERS, LABELS, OPTIMIZERS, SWEEP_DAMPINGS,
-    SWEEP_LRS, CompiledRun, default_lr, ginger_defaults, lr_grid,
-    make_optimizer, run_suite, run_sweep, select_lr, sweep_candidates)
+    COLORS, DEFAULT_OPTIMIZERS, GRID_OVERRIDES, LABELS, OPTIMIZERS,
+    SWEEP_DAMPINGS, SWEEP_LRS, CompiledRun, default_lr, ginger_defaults,
+    lr_grid, make_optimizer, run_suite, run_sweep, select_lr, sweep_candidates)
 from convergence_report import (  # noqa: E402,F401
     _jsonable, machine_info, markdown, plot_task, summarize, sweep_markdown,
     sweep_summary, write_outputs)
@@ -90,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument("--lr-points", type=int, default=None, metavar="N",
                    help="thin every learning-rate grid to N points (1: the "
                         "default learning rate only)")
+    p.add_argument("--lrs", nargs="+", default=[], metavar="NAME=LR,LR,...",
+                   help="explicit learning-rate grid for an optimizer "
+                        "(e.g. muon=0.003,0.01,0.03); not thinned")
     p.add_argument("--epochs-scale", type=float, default=1.0,
                    help="multiply every task's epoch budget")
     p.add_argument("--quick", action="store_true",
@@ -132,6 +135,10 @@ def _protocol(task_names, seeds, lr_points):
                      "Ginger) on the other seeds")
     grid = (f"{lr_points}-point learning-rate grids" if lr_points
             else "5-point learning-rate grids")
+    if GRID_OVERRIDES:
+        grid += " (explicit grids: " + "; ".join(
+            f"{k} {', '.join(f'{v:g}' for v in sorted(vs))}"
+            for k, vs in GRID_OVERRIDES.items()) + ")"
     return ("; ".join(parts) + f". {grid}; lr selected by the mean best "
             "validation loss. Same initial weights and batch order per seed "
             "for every optimizer; equal steps per task. Ginger via "
@@ -140,6 +147,12 @@ def _protocol(task_names, seeds, lr_points):
 
 def main(argv=None):
     args = parse_args(argv)
+    for spec in args.lrs:
+        name, _, values = spec.partition("=")
+        if name not in OPTIMIZERS or not values:
+            raise SystemExit(f"--lrs: expected NAME=LR,LR,... with NAME one "
+                             f"of {sorted(OPTIMIZERS)}; got {spec!r}")
+        GRID_OVERRIDES[name] = [float(v) for v in values.split(",")]
     if args.tasks is None:
         args.tasks = list(SWEEP_TASKS) if args.sweep else list(TASKS)
 

@@ -169,8 +169,17 @@ def _thin(grid, points, keep):
     return [grid[i] for i in idx]
 
 
+# name -> explicit learning rates (`convergence.py --lrs NAME=A,B,...`).
+GRID_OVERRIDES = {}
+
+
 def lr_grid(name, points=None):
-    """The learning rates tried for `name` (`points` thins the grid)."""
+    """The learning rates tried for `name` (`points` thins the grid).
+
+    An entry in `GRID_OVERRIDES` replaces the grid (and is not thinned).
+    """
+    if name in GRID_OVERRIDES:
+        return sorted(float(v) for v in GRID_OVERRIDES[name])
     mode, values = OPTIMIZERS[name]["grid"]
     d = default_lr(name)
     grid = ([float(f"{d * f:.6g}") for f in values] if mode == "x"

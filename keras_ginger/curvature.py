@@ -36,9 +36,10 @@ caller casts); shapes: U (n, k), sigma (k,), d and m (n,).
 ``block_rows``: `project` and `finish` can walk U in blocks of rows inside
 one loop (``ops.fori_loop`` + ``ops.slice_update``) instead of whole-array
 products. Same arithmetic, but the loop fuses passes (the residual pass reads
-U once for U c and Uᵀp; the rotation pass writes U' and forms the step from
-each new block while it is in cache) and, under XLA with U donated, updates U
-in place: no (n, k) temporary. The whole-array form is best where the
+U once for U c and Uᵀp; the rotation pass recomputes p = d - U c₁ from each
+block instead of reading a stored p, writes U' and forms the step, or θ', from
+each new block while it is in cache) and, under XLA with U and θ donated,
+updates both in place: no (n, k) temporary. The whole-array form is best where the
 runtime caches large buffers (TensorFlow, torch, GPUs); the optimizer picks.
 """
 
@@ -68,12 +69,19 @@ Projection.__doc__ = """What `project` learns about d and m̂ in the basis U.
 c: (k,) coefficients of d in span(U) (both Gram–Schmidt passes).
 um: (k,) Uᵀm̂.
 p: (n,) d - U c1 after the first pass (the second pass, -U c2, is folded
-   into `finish`); None for a complete basis.
+   into `finish`); None for a complete basis. When U is walked in blocks,
+   a `Residual` instead: the pass that writes U' recomputes p block by
+   block (the same arithmetic), so p is never stored.
 c2: (k,) second-pass coefficients.
 r: scalar ‖d - U c‖, zeroed when the new direction is dropped.
 pm: scalar pᵀm̂ after both passes.
 keep: scalar bool, whether the new direction p/r enters the basis.
 """
+
+
+Residual = collections.namedtuple("Residual", ["d", "c1", "valid"])
+Residual.__doc__ = """p = d - U c1 (0 where not `valid`), to be formed block by block by
+the pass over U that needs it, instead of stored."""
 
 
 def initial_basis(n, k):
@@ -95,56 +103,68 @@ def _rows(x, start, rows):
                      (rows,) + tuple(x.shape[1:]))
 
 
+def _scaled(x, scale):
+    return x if scale is None else x * scale
+
+
+def _residual_rows(U, d, c1, valid):
+    """p = d - U c1 (0 where not ``valid``) for rows of U."""
+    p = d - ops.matmul(U, c1)
+    return p if valid is None else ops.where(valid, p, 0.0)
+
+
 def _residual(U, d, m, c1, valid):
     """p = d - U c1 and its statistics (Uᵀp, ‖p‖², pᵀm̂) for rows of U."""
-    p = d - ops.matmul(U, c1)
-    if valid is not None:
-        p = ops.where(valid, p, 0.0)
+    p = _residual_rows(U, d, c1, valid)
     return p, ops.matmul(p, U), ops.sum(p * p), ops.sum(p * m)
 
 
 def _residual_blocked(U, d, m, c1, valid, block_rows):
-    """`_residual` in one pass over U, block by block."""
+    """`_residual`'s statistics in one pass over U, block by block; p itself
+    is not stored (see `Residual`)."""
     full, tail = _row_blocks(U.shape[0], block_rows)
 
-    def body(i, carry):
-        p, c2, pp, pm = carry
-        start = i * block_rows
-        pb, c2b, ppb, pmb = _residual(
-            *(_rows(x, start, block_rows) for x in (U, d, m)), c1, valid)
-        return (ops.slice_update(p, (start,), pb), c2 + c2b, pp + ppb,
-                pm + pmb)
+    def stats(start, rows):
+        return _residual(*(_rows(x, start, rows) for x in (U, d, m)), c1,
+                         valid)[1:]
 
-    # Blocks are read from d, m, U (captured) and written to the carried p:
-    # a block read from the carried array itself would make XLA copy all of
-    # it at every iteration.
+    def body(i, carry):
+        return tuple(a + b for a, b in zip(carry, stats(i * block_rows,
+                                                        block_rows)))
+
     zero = ops.zeros((), dtype=d.dtype)
-    p, c2, pp, pm = ops.fori_loop(
-        0, full, body, (ops.zeros_like(d), ops.zeros_like(c1), zero, zero))
+    carry = ops.fori_loop(0, full, body, (ops.zeros_like(c1), zero, zero))
     if tail:
         start = full * block_rows
-        pb, c2b, ppb, pmb = _residual(U[start:], d[start:], m[start:], c1,
-                                      valid)
-        p = ops.slice_update(p, (start,), pb)
-        c2, pp, pm = c2 + c2b, pp + ppb, pm + pmb
-    return p, c2, pp, pm
+        carry = tuple(a + b for a, b in zip(
+            carry, stats(start, U.shape[0] - start)))
+    return (Residual(d, c1, valid),) + tuple(carry)
 
 
-def project(U, d, m, complete=False, block_rows=None, valid=None):
+def project(U, d, m, complete=False, block_rows=None, valid=None,
+            scale=None):
     """Coefficients of d and m̂ in span(U), and the residual of d.
 
     Reads U four times (Uᵀd, Uᵀm̂, U c1, Uᵀp; with ``block_rows`` the last
-    two are one pass): the second Gram–Schmidt pass is what keeps p
-    orthogonal to U when d is nearly in span(U).
+    two are one pass, and p is not stored but recomputed by `rotate`): the
+    second Gram–Schmidt pass is what keeps p orthogonal to U when d is
+    nearly in span(U).
     With ``complete=True`` (k = n) U spans everything: no residual exists.
     ``valid`` (scalar bool, optional): when False, d is taken as 0, so a
     non-finite d needs no sanitised copy.
+    ``scale`` (n,), optional: project scale·d and scale·m̂ instead (a
+    diagonal metric, D^{-1/2} for ``metric="adam"``); the Projection is
+    then that of the scaled vectors.
     """
     k = U.shape[-1]
-    # Vector-matrix products: XLA on CPU runs them near memory speed, while
-    # a skinny (n, k)ᵀ(n, 2) product is several times slower.
+    # d̃ and m̃ are stored for the two products below; U is read whole there:
+    # vector-matrix products run near memory speed under XLA on CPU, while
+    # a skinny (n, k)ᵀ(n, 2) product, or one fused loop over blocks of U,
+    # is slower (measured).
+    d, m = _scaled(d, scale), _scaled(m, scale)
     c1 = ops.matmul(d, U)
     um = ops.matmul(m, U)
+    dd = ops.sum(d * d)
     if valid is not None:
         c1 = ops.where(valid, c1, 0.0)
     zero = ops.zeros((), dtype=d.dtype)
@@ -158,7 +178,7 @@ def project(U, d, m, complete=False, block_rows=None, valid=None):
     # ‖p - U c2‖² = ‖p‖² - ‖c2‖² for orthonormal U.
     r2 = pp - ops.sum(c2 * c2)
     r = ops.sqrt(ops.maximum(r2, 0.0))
-    d_norm = ops.sqrt(ops.sum(d * d))
+    d_norm = ops.sqrt(dd)
     if valid is not None:
         d_norm = ops.where(valid, d_norm, 0.0)
     keep = r > SPAN_FACTOR * math.sqrt(k + 1) * EPS32 * d_norm
@@ -210,40 +230,61 @@ def top_eigh(C, k):
     return lam, V
 
 
-def _rotate(U, p, A, b, m, w, a1, damping, theta, eta):
-    """Rows of U' = U A + p bᵀ, and of the step (m̂ - U'w)/γ + U'a1
-    (or of θ - η·step when θ is given)."""
+def _rotate(U, p, A, b, m, w, a1, damping, theta, eta, scale, norm):
+    """Rows of U' = U A + p bᵀ, and of the step (m̃ - U'w)/γ + U'a1 with
+    m̃ = scale·m, multiplied by scale (or θ - η·that when θ is given);
+    also the squared norm of the (scaled) step when ``norm`` (else 0).
+    ``p`` may be a `Residual` restricted to these rows."""
+    if isinstance(p, Residual):
+        p = _residual_rows(U, p.d, p.c1, p.valid)
     U_new = ops.matmul(U, A) + ops.outer(p, b)
-    step = (m - ops.matmul(U_new, w)) / damping + ops.matmul(U_new, a1)
-    return U_new, (step if theta is None else theta - eta * step)
+    step = ((_scaled(m, scale) - ops.matmul(U_new, w)) / damping
+            + ops.matmul(U_new, a1))
+    step = _scaled(step, scale)
+    out = step if theta is None else theta - eta * step
+    return U_new, out, ops.sum(step * step) if norm else 0.0
 
 
-def _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, block_rows):
+def _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, scale,
+                    block_rows, norm):
     """`_rotate` block by block, writing U' over U (in place under XLA).
 
-    Given θ, the carried output is θ - η·step, else the step."""
+    Given θ, θ' = θ - η·step is written over θ, else the step into a new
+    array. The squared norm of the step is accumulated only when ``norm``.
+    """
     full, tail = _row_blocks(U.shape[0], block_rows)
 
-    def body(i, carry):
-        U, out = carry
-        start = i * block_rows
-        Ub, pb, mb = (_rows(x, start, block_rows) for x in (U, p, m))
-        tb = None if theta is None else _rows(theta, start, block_rows)
-        Ub, ob = _rotate(Ub, pb, A, b, mb, w, a1, damping, tb, eta)
-        return (ops.slice_update(U, (start, 0), Ub),
-                ops.slice_update(out, (start,), ob))
+    def rows(x, start, n):
+        if x is None:
+            return None
+        if isinstance(x, Residual):
+            return Residual(_rows(x.d, start, n), x.c1, x.valid)
+        return _rows(x, start, n)
 
-    # U' overwrites U block by block: each block of U feeds a product, so XLA
-    # updates U in place. θ is read (captured) and θ' written (carried).
-    U, out = ops.fori_loop(0, full, body, (U, ops.zeros_like(m)))
+    def block(U, out, start, n):
+        theta_b = None if theta is None else rows(out, start, n)
+        Ub, ob, sqb = _rotate(rows(U, start, n), rows(p, start, n), A, b,
+                              rows(m, start, n), w, a1, damping, theta_b,
+                              eta, rows(scale, start, n), norm)
+        return (ops.slice_update(U, (start, 0), Ub),
+                ops.slice_update(out, (start,), ob), sqb)
+
+    def body(i, carry):
+        U, out, sq = carry
+        U, out, sqb = block(U, out, i * block_rows, block_rows)
+        return U, out, sq + sqb if norm else sq
+
+    # U' overwrites U and θ' overwrites θ block by block (each block is read
+    # from the carried array and written back, so XLA works in place); the
+    # other inputs are read from captured arrays.
+    zero = ops.zeros((), dtype=m.dtype)
+    out = ops.zeros_like(m) if theta is None else theta
+    U, out, sq = ops.fori_loop(0, full, body, (U, out, zero))
     if tail:
         start = full * block_rows
-        Ub, ob = _rotate(U[start:], p[start:], A, b, m[start:], w, a1,
-                         damping, None if theta is None else theta[start:],
-                         eta)
-        U = ops.slice_update(U, (start, 0), Ub)
-        out = ops.slice_update(out, (start,), ob)
-    return U, out
+        U, out, sqb = block(U, out, start, U.shape[0] - start)
+        sq = sq + sqb
+    return U, out, sq
 
 
 def rotation(proj, sigma, V, damping, complete=False):
@@ -268,19 +309,26 @@ def rotation(proj, sigma, V, damping, complete=False):
 
 
 def rotate(U, p, A, b, m, w, a1, damping, complete=False, block_rows=None,
-           theta=None, eta=None):
+           theta=None, eta=None, scale=None, norm=False):
     """The pass over U: U' = U A + p bᵀ and the Woodbury step from U'.
 
     Returns (U', step), or (U', θ - η·step) given ``theta`` and ``eta``.
+    ``scale`` (n,), optional: the Woodbury step of scale·m, multiplied by
+    scale on the way out (a diagonal metric: D^{-1/2}(γI + M̃)⁻¹D^{-1/2}m).
+    ``norm=True`` appends ‖step‖², accumulated in the same pass.
     """
     if complete:
         U_new = ops.matmul(U, A)
-        step = ops.matmul(U_new, a1)
-        return U_new, step if theta is None else theta - eta * step
-    if _row_blocks(U.shape[0], block_rows) is None:
-        return _rotate(U, p, A, b, m, w, a1, damping, theta, eta)
-    return _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta,
-                           block_rows)
+        step = _scaled(ops.matmul(U_new, a1), scale)
+        out = step if theta is None else theta - eta * step
+        sq = ops.sum(step * step) if norm else 0.0
+    elif _row_blocks(U.shape[0], block_rows) is None:
+        U_new, out, sq = _rotate(U, p, A, b, m, w, a1, damping, theta, eta,
+                                 scale, norm)
+    else:
+        U_new, out, sq = _rotate_blocked(U, p, A, b, m, w, a1, damping,
+                                         theta, eta, scale, block_rows, norm)
+    return (U_new, out, sq) if norm else (U_new, out)
 
 
 def step_norm(m_sq, w, sigma, damping, complete=False):

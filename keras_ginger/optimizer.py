@@ -170,7 +170,7 @@ def _basis_layout(layout):
 _Entry = collections.namedtuple(
     "_Entry", "var idx d_ok d m eta g_ok lr adam")
 _Entry.__doc__ = "One variable's inputs to the update (flat float32)."
-_Adam = collections.namedtuple("_Adam", "v step norm inv_sqrt_d")
+_Adam = collections.namedtuple("_Adam", "v step norm inv_sqrt_d m_sq")
 _Adam.__doc__ = ("Adam's second moment, its step m̂/D, that norm and "
                  "D^{-1/2} (Adam's diagonal metric, for `metric='adam'`).")
 
@@ -239,12 +239,15 @@ class Ginger(keras.optimizers.Optimizer):
       curvature eigenvalue (γ while M = 0), so (γ_t I + M_t)⁻¹ only sees the
       shape of the spectrum;
     * ``graft="adam"`` (distributed Shampoo's grafting, per variable): s_t
-      gives the step the norm of Keras Adam's step for that variable,
-      ‖m̂_t √(1-β₂'ᵗ)/(√v_t + ε)‖ with v_t = β₂' v_{t-1} + (1-β₂') g_t²
-      (β₂' = ``graft_beta_2``, ε = ``graft_epsilon``). In the Euclidean
-      metric (``metric=None``) the norm of the Woodbury step is known in
-      small space (`curvature.step_norm`); in Adam's it takes one reduction
-      over the step.
+      gives the step the norm of Keras Adam's step m̂_t/D for that variable,
+      D = (√v_t + ε)/√(1-β₂'ᵗ) with v_t = β₂' v_{t-1} + (1-β₂') g_t²
+      (β₂' = ``graft_beta_2``, ε = ``graft_epsilon``), both norms measured
+      in the metric: ‖D^{1/2}x‖ in Adam's (where the step is
+      D^{-1/2}(γ_t I + M_t)⁻¹D^{-1/2}m̂ and Adam's D^{-1/2}·D^{-1/2}m̂: the
+      Euclidean grafting of Ginger and Adam in the whitened coordinates
+      D^{1/2}θ), ‖x‖ in the Euclidean one. Either norm of the Woodbury step
+      is known in small space (`curvature.step_norm`), so the pass that
+      writes U' writes θ' too.
 
     Together, a loss multiplied by c gives the same updates (only Adam's ε
     breaks this), the learning rate means what it means for Adam, and a
@@ -313,9 +316,9 @@ class Ginger(keras.optimizers.Optimizer):
             (Adam's denominator), and the step is
             γₜ·D^{-1/2}(γₜI + M̃)⁻¹D^{-1/2}m̂, which is exactly Adam's step
             where the curvature is zero; with ``graft="adam"`` it is
-            rescaled per variable to the norm of Adam's step (one more
-            reduction over the step). None: the Euclidean metric (the
-            paper's), direction (γₜI + M)⁻¹m̂.
+            rescaled per variable to the norm of Adam's step, both measured
+            as ‖D^{1/2}x‖. None: the Euclidean metric (the paper's),
+            direction (γₜI + M)⁻¹m̂.
         {{base_optimizer_keyword_args}}
     """
 
@@ -709,7 +712,11 @@ class Ginger(keras.optimizers.Optimizer):
     def _adam_step(self, idx, g_ok, g0, m, t, bias):
         """Adam's second moment v and Keras Adam's step direction (flat):
         m̂·√(1-β₂ᵗ)/(√v + ε), i.e. ε added to √v as `keras.optimizers.Adam`
-        adds it, so that with the curvature off the update is Adam()'s."""
+        adds it, so that with the curvature off the update is Adam()'s.
+
+        Also what the grafting rule needs: the norm of Adam's step (in the
+        metric: ‖D^{1/2}·m̂/D‖ = ‖D^{-1/2}m̂‖ with `metric='adam'`, else
+        ‖m̂/D‖) and ‖m‖² in the metric (‖D^{-1/2}m‖² or ‖m‖²)."""
         v_old = ops.reshape(
             ops.convert_to_tensor(self._second_moments[idx]), (-1,))
         b2 = self.graft_beta_2
@@ -718,8 +725,14 @@ class Ginger(keras.optimizers.Optimizer):
         # Adam's step is m̂/D with D = (√v + ε)/√(1-β₂ᵗ).
         inv_d = ops.sqrt(bias_2) / (ops.sqrt(v) + self.graft_epsilon)
         step = (m / bias) * inv_d
-        return _Adam(v, step, ops.sqrt(ops.sum(step * step)),
-                     ops.sqrt(inv_d))
+        inv_sqrt_d = ops.sqrt(inv_d)
+        if self.metric is None:
+            m_sq = ops.sum(m * m)
+            norm = ops.sqrt(ops.sum(step * step))
+        else:
+            m_sq = ops.sum(ops.square(m * inv_sqrt_d))
+            norm = ops.sqrt(m_sq) / bias
+        return _Adam(v, step, norm, inv_sqrt_d, m_sq)
 
     def _damping_for(self, sigma):
         """The damping rule: γ, or with `relative_damping` γ·σ₁ (σ₁ the
@@ -732,34 +745,25 @@ class Ginger(keras.optimizers.Optimizer):
 
     def _rate(self, e, w, sigma, damping, complete):
         """The scale rule: the η that multiplies the Woodbury direction of
-        the raw momentum m. Paper: η_t = lr/(1-β₁ᵗ). Grafting: the step
-        gets Adam's norm for this variable, lr·‖m̂/(√v̂+ε)‖/‖dir(m)‖, with
-        ‖dir(m)‖ from `curvature.step_norm` (small space)."""
-        if e.adam is None:
-            return e.eta
-        norm = curvature.step_norm(ops.sum(e.m * e.m), w, sigma, damping,
-                                   complete)
+        the raw momentum m (in the metric: D^{-1/2}(γₜI + M̃)⁻¹D^{-1/2}m).
+
+        Paper: η_t = lr/(1-β₁ᵗ); in Adam's metric without grafting η_t·γₜ,
+        so that with M̃ = 0 the step is Adam's. Grafting: the step gets the
+        norm of Adam's step for this variable, measured in the metric,
+        lr·‖Adam's step‖/‖direction‖, with ‖direction‖ from
+        `curvature.step_norm` (small space: in Adam's metric D^{1/2}·
+        direction = (γₜI + M̃)⁻¹D^{-1/2}m, whose norm that gives too)."""
+        if self.graft is None:
+            return e.eta if self.metric is None else e.eta * damping
+        norm = curvature.step_norm(e.adam.m_sq, w, sigma, damping, complete)
         rate = e.lr * e.adam.norm / ops.where(norm > 0.0, norm, 1.0)
         return ops.where(e.g_ok, rate, 0.0)
 
-    def _in_metric(self, e):
-        """(d, m) as the curvature sees them: as they are, or with
-        `metric='adam'` in Adam's diagonal metric, D^{-1/2}d and
-        D^{-1/2}m."""
-        if self.metric is None:
-            return e.d, e.m
-        return e.d * e.adam.inv_sqrt_d, e.m * e.adam.inv_sqrt_d
-
-    def _metric_theta(self, e, step, damping):
-        """θ - η_t γₜ D^{-1/2} (γₜI + M̃)⁻¹ D^{-1/2} m: with M̃ = 0 this is
-        Adam's update θ - lr·m̂/D (`metric='adam'`). With grafting, the
-        same direction with the norm of Adam's step, lr·‖m̂/D‖."""
-        direction = e.adam.inv_sqrt_d * step
-        if self.graft is None:
-            return self._theta(e.var) - (e.eta * damping) * direction
-        norm = ops.sqrt(ops.sum(direction * direction))
-        rate = e.lr * e.adam.norm / ops.where(norm > 0.0, norm, 1.0)
-        return self._theta(e.var) - ops.where(e.g_ok, rate, 0.0) * direction
+    def _metric_scale(self, e):
+        """The diagonal metric's scale: None (Euclidean) or, with
+        `metric='adam'`, D^{-1/2} (the curvature sees D^{-1/2}d and
+        D^{-1/2}m, and the step is D^{-1/2} times the Woodbury step)."""
+        return None if self.metric is None else e.adam.inv_sqrt_d
 
     def _identity_step(self, e):
         """The step of a variable without curvature: η_t·m/γ (paper) or
@@ -809,30 +813,26 @@ class Ginger(keras.optimizers.Optimizer):
         for e in entries:
             U, sigma, complete = self._state(e.idx)
             block_rows = self._block_rows(U)
-            d, m = self._in_metric(e)
-            proj = curvature.project(U, d, m, complete=complete,
-                                     block_rows=block_rows, valid=e.d_ok)
+            proj = curvature.project(U, e.d, e.m, complete=complete,
+                                     block_rows=block_rows, valid=e.d_ok,
+                                     scale=self._metric_scale(e))
             # A non-finite d leaves M unchanged: α = 1 and d = 0.
             beta_2 = ops.where(e.d_ok, self.beta_2, 1.0)
             C, scale = curvature.small_matrix(sigma, proj, beta_2)
-            work.append((e, m, U, proj, C, scale, complete, block_rows))
-        eig = self._batched_top_eigh([w[4] for w in work])
+            work.append((e, U, proj, C, scale, complete, block_rows))
+        eig = self._batched_top_eigh([w[3] for w in work])
         out = []
-        for (e, m, U, proj, C, scale, complete, block_rows), (lam, V) in zip(
+        for (e, U, proj, C, scale, complete, block_rows), (lam, V) in zip(
                 work, eig):
             sigma = lam * scale
             damping = self._damping_for(sigma)
             A, b, w, a1 = curvature.rotation(proj, sigma, V, damping,
                                              complete)
-            if self.metric is None:
-                U_new, theta = curvature.rotate(
-                    U, proj.p, A, b, e.m, w, a1, damping, complete,
-                    block_rows, theta=self._theta(e.var),
-                    eta=self._rate(e, w, sigma, damping, complete))
-            else:
-                U_new, step = curvature.rotate(
-                    U, proj.p, A, b, m, w, a1, damping, complete, block_rows)
-                theta = self._metric_theta(e, step, damping)
+            U_new, theta = curvature.rotate(
+                U, proj.p, A, b, e.m, w, a1, damping, complete, block_rows,
+                theta=self._theta(e.var),
+                eta=self._rate(e, w, sigma, damping, complete),
+                scale=self._metric_scale(e))
             out.append((U_new, sigma, theta))
         return out
 
@@ -842,15 +842,18 @@ class Ginger(keras.optimizers.Optimizer):
         for e in entries:
             U, sigma, complete = self._state(e.idx)
             damping = self._damping_for(sigma)
-            m = self._in_metric(e)[1]
+            scale = self._metric_scale(e)
+            m = e.m if scale is None else e.m * scale
             w = ops.matmul(m, U)
-            if self.metric is None:
+            eta = self._rate(e, w, sigma, damping, complete)
+            if scale is None:
                 theta = curvature.woodbury_step(
                     U, sigma, m, damping, complete, theta=self._theta(e.var),
-                    eta=self._rate(e, w, sigma, damping, complete), w=w)
+                    eta=eta, w=w)
             else:
-                theta = self._metric_theta(e, curvature.woodbury_step(
-                    U, sigma, m, damping, complete, w=w), damping)
+                theta = self._theta(e.var) - eta * scale * (
+                    curvature.woodbury_step(U, sigma, m, damping, complete,
+                                            w=w))
             out.append((U, sigma, theta))
         return out
 

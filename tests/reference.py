@@ -19,7 +19,8 @@ class DenseGinger:
     itself while M = 0). ``metric="adam"``: M is the EMA of d̃d̃ᵀ with
     d̃ = D^{-1/2}d, D Adam's denominator, and the step is
     γ·D^{-1/2}(γI + M)⁻¹D^{-1/2}m̂ (with ``graft="adam"`` too: that
-    direction, Adam's norm)."""
+    direction, with the norm of Adam's step measured in the metric,
+    ‖D^{1/2}x‖)."""
 
     def __init__(self, n, tau, beta_1, beta_2, damping, graft=None,
                  relative_damping=False, graft_beta_2=0.999,
@@ -68,7 +69,10 @@ class DenseGinger:
         if self.graft is None:
             return direction
         adam = m_hat / D
-        return direction * np.linalg.norm(adam) / np.linalg.norm(direction)
+        # Norms in the metric: ‖x‖ = ‖D^{1/2}x‖ in Adam's, Euclidean else.
+        w = np.sqrt(D) if self.metric == "adam" else 1.0
+        return direction * (np.linalg.norm(w * adam)
+                            / np.linalg.norm(w * direction))
 
 
 def separated_stream(rng, n, k, steps, tail=1e-2):
