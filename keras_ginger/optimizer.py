@@ -167,6 +167,28 @@ def _basis_layout(layout):
     return keras.distribution.TensorLayout((first, None), layout.device_mesh)
 
 
+def _sharded_state_layouts(shape, k, layout):
+    """(state layout, basis layout) for `shard_state=True` and a variable
+    that is not sharded itself: m and v sharded along their first axis, U
+    (n, k) along n, over the distribution's data-parallel (batch) mesh axis,
+    each where that axis's size divides the dimension (else replicated:
+    `layout` and None). No distribution: (layout, None)."""
+    dist = keras.distribution.distribution()
+    axis = getattr(dist, "batch_dim_name", None)
+    mesh = getattr(dist, "device_mesh", None)
+    if axis is None or mesh is None or axis not in mesh.axis_names:
+        return layout, None
+    size = mesh.shape[list(mesh.axis_names).index(axis)]
+    n = int(np.prod(shape))
+    state = layout
+    if shape and shape[0] % size == 0:
+        state = keras.distribution.TensorLayout(
+            (axis,) + (None,) * (len(shape) - 1), mesh)
+    basis = (keras.distribution.TensorLayout((axis, None), mesh)
+             if n % size == 0 else None)
+    return state, basis
+
+
 _Entry = collections.namedtuple(
     "_Entry", "var idx d_ok d m eta g_ok lr adam")
 _Entry.__doc__ = "One variable's inputs to the update (flat float32)."
@@ -319,6 +341,16 @@ class Ginger(keras.optimizers.Optimizer):
             rescaled per variable to the norm of Adam's step, both measured
             as ‖D^{1/2}x‖. None: the Euclidean metric (the paper's),
             direction (γₜI + M)⁻¹m̂.
+        shard_state: bool, for `keras.distribution` (JAX). True shards the
+            state of every variable that is not sharded itself (ZeRO-1): U
+            (n, k) along n, m and v along their first axis, over the
+            distribution's data-parallel mesh axis (its `batch_dim_name`),
+            wherever that axis's size divides the dimension (else that piece
+            stays replicated). Per-device optimizer memory then falls by the
+            number of data-parallel devices; XLA inserts the collectives (an
+            all-reduce of k-vectors for Uᵀd̃ and Uᵀm̃, an all-gather of each
+            variable's step). No effect without a distribution. Defaults to
+            False.
         {{base_optimizer_keyword_args}}
     """
 
@@ -339,6 +371,7 @@ class Ginger(keras.optimizers.Optimizer):
         graft_beta_2=0.999,
         graft_epsilon=1e-7,
         metric="adam",
+        shard_state=False,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -358,6 +391,10 @@ class Ginger(keras.optimizers.Optimizer):
         _check_scale_arguments(graft, relative_damping, graft_beta_2,
                                graft_epsilon, metric)
         exclude_from_curvature = _check_patterns(exclude_from_curvature)
+        if not isinstance(shard_state, bool):
+            raise ValueError(
+                "Argument `shard_state` must be True or False. Received: "
+                f"shard_state={shard_state!r}")
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -384,6 +421,7 @@ class Ginger(keras.optimizers.Optimizer):
         self.graft_beta_2 = float(graft_beta_2)
         self.graft_epsilon = float(graft_epsilon)
         self.metric = metric
+        self.shard_state = shard_state
         # d handed to the next apply() (`using_fisher_grads`), and
         # {variable index: d} during one apply(): per thread and per
         # tf.distribute replica, which run apply() in parallel threads.
@@ -415,6 +453,10 @@ class Ginger(keras.optimizers.Optimizer):
             k = min(self.tau, n)
             prefix = var.path.replace("/", "_")
             layout = _keras_compat.variable_layout(var)
+            basis_layout = _basis_layout(layout)
+            if self.shard_state and basis_layout is None:
+                layout, basis_layout = _sharded_state_layouts(var.shape, k,
+                                                              layout)
             self._momentums.append(self.add_variable(
                 var.shape, dtype="float32", name=f"{prefix}_momentum",
                 layout=layout))
@@ -422,7 +464,7 @@ class Ginger(keras.optimizers.Optimizer):
             self._bases.append(self.add_variable(
                 (n, k), initializer="identity", dtype="float32",
                 name=f"{prefix}_curvature_basis",
-                layout=_basis_layout(layout)) if curved else None)
+                layout=basis_layout) if curved else None)
             self._sigmas.append(self.add_variable(
                 (k,), dtype="float32", name=f"{prefix}_curvature_eigenvalues")
                 if curved else None)
@@ -886,6 +928,7 @@ class Ginger(keras.optimizers.Optimizer):
             "graft_beta_2": self.graft_beta_2,
             "graft_epsilon": self.graft_epsilon,
             "metric": self.metric,
+            "shard_state": self.shard_state,
         })
         return config
 

@@ -94,6 +94,56 @@ def model_parallel():
              shard_rows=np.array(sorted(shard_rows)), n=U.shape[0])
 
 
+def state_bytes(optimizer, device):
+    """Bytes of the optimizer's state held on `device`."""
+    return sum(s.data.nbytes for v in optimizer.variables
+               for s in v.value.addressable_shards if s.device == device)
+
+
+def sharded_state():
+    """`shard_state=True` under DataParallel on 1, 2 and 4 devices: the same
+    training as the replicated state; U, m, v sharded along their first
+    axis; per-device state bytes."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 12)).astype("float32")
+    Y = rng.standard_normal((64, 4)).astype("float32")
+    out = {}
+    devices = keras.distribution.list_devices("cpu")
+    for count, shard in ((1, False), (2, True), (4, True)):
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=devices[:count]))
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((12,)),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(4),
+        ])
+        keras_ginger.with_fisher(model, sampler=shifted_mean)
+        model.compile(optimizer=keras_ginger.Ginger(
+            tau=4, learning_rate=0.01, shard_state=shard), loss="mse")
+        model.fit(X, Y, batch_size=16, epochs=2, shuffle=False,
+                  verbose=0)
+        opt = model.optimizer
+        key = f"{count}_{int(shard)}"
+        for i, w in enumerate(model.get_weights()):
+            out[f"w_{key}_{i}"] = np.asarray(w)
+        for i, v in enumerate(opt.variables):
+            out[f"s_{key}_{i}"] = np.asarray(v.value)
+        out["bases"] = np.array([i for i, v in enumerate(opt.variables)
+                                 if "curvature_basis" in v.path])
+        out[f"bytes_{key}"] = state_bytes(opt, jax.devices()[0])
+        kernel = opt._get_variable_index(model.layers[0].kernel)
+        U = opt._bases[kernel].value
+        out[f"spec_{key}"] = np.array(
+            [str(a) for a in getattr(U.sharding, "spec", ())])
+        out[f"rows_{key}"] = max(
+            s.data.shape[0] for s in U.addressable_shards)
+    keras.distribution.set_distribution(None)
+    np.savez(OUT, **out)
+
+
 def combos():
     """{(loss_scale, fisher): (one-device weights, 2-replica weights)}."""
     strategy = tf.distribute.MirroredStrategy(
@@ -160,6 +210,8 @@ def _null():
 def main():
     if MODE == "jax_model_parallel":
         return model_parallel()
+    if MODE == "jax_sharded_state":
+        return sharded_state()
     if MODE == "tensorflow":
         return np.savez(OUT, **combos())
     single, M_single = train(build(shifted_mean))

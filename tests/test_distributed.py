@@ -52,6 +52,39 @@ def test_jax_model_parallel_shards_basis_like_variable(tmp_path):
     assert list(z["shard_rows"]) == [int(z["n"]) // 4]
 
 
+def _signed(U):
+    """U with each column's largest entry positive (an eigenvector's sign is
+    arbitrary; reductions in another order may flip it)."""
+    idx = np.abs(U).argmax(axis=0)
+    return U * np.sign(U[idx, np.arange(U.shape[1])])
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
+def test_jax_sharded_state_equals_replicated(tmp_path):
+    """`shard_state=True` (ZeRO-1) under DataParallel on 2 and 4 devices:
+    U sharded along n and m, v along their first axis over the batch axis;
+    weights and every state variable equal one device's (≤ 1e-5); state
+    bytes per device ≤ 1/R + 5 % of the replicated state's."""
+    z = run_script("jax_sharded_state", tmp_path)
+    ref = "1_0"
+    full = int(z[f"bytes_{ref}"])
+    n_state = len([k for k in z.files if k.startswith(f"s_{ref}_")])
+    for R in (2, 4):
+        key = f"{R}_1"
+        assert list(z[f"spec_{key}"]) == ["batch", "None"]
+        assert int(z[f"rows_{key}"]) == 12 * 16 // R
+        assert int(z[f"bytes_{key}"]) <= (1 / R + 0.05) * full
+        for i in range(len([k for k in z.files if k.startswith("w_1_0_")])):
+            np.testing.assert_allclose(z[f"w_{key}_{i}"], z[f"w_{ref}_{i}"],
+                                       rtol=1e-5, atol=1e-6)
+        for i in range(n_state):
+            got, want = z[f"s_{key}_{i}"], z[f"s_{ref}_{i}"]
+            if i in set(z["bases"].tolist()):
+                got, want = _signed(got), _signed(want)
+            scale = max(float(np.abs(want).max()), 1e-30)
+            assert np.abs(got - want).max() <= 1e-5 * scale, (R, i)
+
+
 @pytest.fixture(scope="module")
 def tf_run(tmp_path_factory):
     """One TensorFlow process (2 logical CPUs) for all MirroredStrategy

@@ -314,6 +314,7 @@ def test_low_precision_variables_keep_float32_state(dtype):
         ({"damping": 0.0}, "damping=0.0"),
         ({"damping": -1e-3}, "damping=-0.001"),
         ({"damping": float("nan")}, "damping=nan"),
+        ({"shard_state": "yes"}, "shard_state='yes'"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, needle):
@@ -413,8 +414,9 @@ def test_stateless_apply_matches_apply():
 def test_config_round_trip():
     opt = keras_ginger.Ginger(learning_rate=0.02, tau=5, beta_1=0.8,
                               beta_2=0.95, damping=3e-3, clipnorm=1.0,
-                              weight_decay=1e-4)
+                              weight_decay=1e-4, shard_state=True)
     config = opt.get_config()
+    assert config["shard_state"] is True
     assert {k: config[k] for k in ("tau", "beta_1", "beta_2", "damping")} == {
         "tau": 5, "beta_1": 0.8, "beta_2": 0.95, "damping": 3e-3}
     clone = keras_ginger.Ginger.from_config(config)
