@@ -64,7 +64,8 @@ def test_jax_sharded_state_equals_replicated(tmp_path):
     """`shard_state=True` (ZeRO-1) under DataParallel on 2 and 4 devices:
     U sharded along n and m, v along their first axis over the batch axis;
     weights and every state variable equal one device's (≤ 1e-5); state
-    bytes per device ≤ 1/R + 5 % of the replicated state's."""
+    bytes per device ≤ 1/R + 5 % of the replicated state's; `model.save`
+    of the sharded run loads in a process without a distribution."""
     z = run_script("jax_sharded_state", tmp_path)
     ref = "1_0"
     full = int(z[f"bytes_{ref}"])
@@ -83,6 +84,9 @@ def test_jax_sharded_state_equals_replicated(tmp_path):
                 got, want = _signed(got), _signed(want)
             scale = max(float(np.abs(want).max()), 1e-30)
             assert np.abs(got - want).max() <= 1e-5 * scale, (R, i)
+    # The sharded state's checkpoint loads without a distribution, exactly.
+    for i in range(n_state):
+        np.testing.assert_array_equal(z[f"loaded_{i}"], z[f"s_4_1_{i}"])
 
 
 @pytest.fixture(scope="module")
