@@ -15,7 +15,12 @@ step (`keras_ginger.train_step`) calls. Both run the same code. Seeds:
 step t of a run with base seed s draws from the stream (s, SEED_STRIDE·t),
 (s, SEED_STRIDE·t + 1), ... (one seed per output with a loss), so a custom
 loop with ``seed=s, step=t`` samples the labels that `fit` samples at
-optimizer step t of ``with_fisher(model, seed=s)``.
+optimizer step t of ``with_fisher(model, seed=s)``. Data-parallel replicas
+that each sample their own rows must not share a stream (their draws would
+be correlated, biasing E[ddᵀ]): replica r uses base seed
+s + REPLICA_SEED_STRIDE·r (the tf.distribute train step does; a
+torch.distributed loop passes ``seed=s + REPLICA_SEED_STRIDE * rank``), so
+replica 0 draws what one process draws.
 """
 
 import math
@@ -27,11 +32,15 @@ from keras import tree
 from keras_ginger import _keras_compat
 from keras_ginger import samplers
 
-__all__ = ["fisher_loss", "model_fisher_loss", "seed_stream", "SEED_STRIDE"]
+__all__ = ["fisher_loss", "model_fisher_loss", "seed_stream", "SEED_STRIDE",
+           "REPLICA_SEED_STRIDE"]
 
 # Seeds one train step may draw (one per output with a loss) before the
 # next step's stream starts.
 SEED_STRIDE = 16
+
+# Base-seed offset between data-parallel replicas that sample their own rows.
+REPLICA_SEED_STRIDE = 1_000_003
 
 
 def fisher_loss(y_pred, loss, *, seed=None, step=None, y_true=None,

@@ -14,11 +14,14 @@ examples each,
 the same rule as `keras_ginger.tf_distribute` uses for tf.distribute. Every
 rank then applies the same (g, d) and stays bit-identical to the others.
 
+    from keras_ginger.fisher_loss import REPLICA_SEED_STRIDE
     from keras_ginger.torch_distributed import all_reduce_fisher_grads
 
+    # Each rank samples labels for its own rows, from its own stream.
+    seed = 7 + REPLICA_SEED_STRIDE * torch.distributed.get_rank()
     y_pred = ddp_model(x)
     loss = loss_fn(y, y_pred)
-    fisher = keras_ginger.fisher_loss(y_pred, loss_fn, seed=7,
+    fisher = keras_ginger.fisher_loss(y_pred, loss_fn, seed=seed,
                                       step=optimizer.iterations)
     fisher_grads = torch.autograd.grad(fisher, params, retain_graph=True)
     loss.backward()                            # DDP: g averaged across ranks

@@ -171,10 +171,16 @@ class FisherTrainStepBase:
         # the uninterrupted run would have. The micro-step count: under
         # gradient accumulation `iterations` stays put for k micro-batches,
         # which must not share their samples.
-        sg = self._fisher_seed_generator
         inner, _ = fisher_optimizer(self.optimizer)
-        seed = seed_stream(sg.state[0], _keras_compat.micro_step(inner))
+        seed = seed_stream(self._fisher_seed_base(),
+                           _keras_compat.micro_step(inner))
         return model_fisher_loss(self, y, y_pred, sample_weight, seed)
+
+    def _fisher_seed_base(self):
+        """The base seed of this replica's draws: the generator's (a
+        backend's train step adds REPLICA_SEED_STRIDE·r where replica r
+        samples its own rows, see `keras_ginger.fisher_loss`)."""
+        return self._fisher_seed_generator.state[0]
 
     def _fisher_due(self):
         """None when every step needs d; else a boolean tensor (Ginger's

@@ -196,8 +196,25 @@ def combos():
                 out[f"{key}_single_{i}"] = a
                 out[f"{key}_multi_{i}"] = b
     with strategy.scope():  # the random (Gaussian) sampler runs too
-        sampled, _ = train(build(None))
+        model = build(None)
+        sampled, _ = train(model)
     out["sampled_finite"] = all(np.isfinite(w).all() for w in sampled)
+    # Each replica samples its own rows from its own stream: the train
+    # step's base seed per replica, and draws from it.
+    from keras_ginger.fisher_loss import seed_stream
+
+    def draw():
+        base = model._fisher_seed_base()
+        return base, keras.random.normal((6,), seed=seed_stream(base, 3))
+
+    bases, draws = strategy.run(tf.function(draw))
+    out["replica_bases"] = np.array(
+        [int(b) for b in strategy.experimental_local_results(bases)])
+    out["replica_draws"] = np.stack(
+        [np.asarray(d) for d in strategy.experimental_local_results(draws)])
+    out["one_device_base"] = int(model._fisher_seed_base())
+    out["one_device_draw"] = np.asarray(keras.random.normal(
+        (6,), seed=seed_stream(model._fisher_seed_base(), 3)))
     return out
 
 

@@ -106,6 +106,20 @@ def test_tf_mirrored_strategy_curvature_equals_one_device(tf_run):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TF's")
+def test_tf_replicas_sample_from_their_own_streams(tf_run):
+    """Each replica samples labels for its own rows: replica r draws from
+    base + REPLICA_SEED_STRIDE·r, replica 0 as one device does; with one
+    shared stream the replicas' noise would be identical (correlated d)."""
+    from keras_ginger.fisher_loss import REPLICA_SEED_STRIDE
+
+    base = int(tf_run["one_device_base"])
+    assert list(tf_run["replica_bases"]) == [base, base + REPLICA_SEED_STRIDE]
+    draws = tf_run["replica_draws"]
+    np.testing.assert_array_equal(draws[0], tf_run["one_device_draw"])
+    assert np.abs(draws[0] - draws[1]).min() > 0
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TF's")
 @pytest.mark.parametrize("loss_scale", ["plain", "lso"])
 @pytest.mark.parametrize("fisher", ["fisher", "empirical"])
 def test_tf_mirrored_two_replicas_equal_one_device(tf_run, loss_scale,

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import keras_ginger  # noqa: E402
+from keras_ginger.fisher_loss import REPLICA_SEED_STRIDE  # noqa: E402
 from keras_ginger.torch_distributed import all_reduce_fisher_grads  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 16, 6
@@ -53,8 +54,10 @@ def run(rank, world, mode):
         y = torch.from_numpy(Y[lo:lo + shard])
         y_pred = net(x)
         loss = loss_fn(y, y_pred)
-        fisher = keras_ginger.fisher_loss(y_pred, loss_fn, seed=7, step=step,
-                                          sampler=sampler)
+        # Each rank samples its own rows from its own stream.
+        fisher = keras_ginger.fisher_loss(
+            y_pred, loss_fn, seed=7 + REPLICA_SEED_STRIDE * rank, step=step,
+            sampler=sampler)
         fisher_grads = torch.autograd.grad(fisher, params, retain_graph=True)
         for p in params:
             p.grad = None

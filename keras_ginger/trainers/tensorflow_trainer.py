@@ -8,6 +8,7 @@ from keras.utils import unpack_x_y_sample_weight
 
 from keras_ginger import _keras_compat
 from keras_ginger import train_step
+from keras_ginger.fisher_loss import REPLICA_SEED_STRIDE
 
 
 def _dense(grads, variables):
@@ -25,6 +26,17 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
     Keras's own (scaled) loss, and d, of the sampled-label Fisher loss.
     Otherwise this is Keras's `TensorFlowTrainer.train_step`.
     """
+
+    def _fisher_seed_base(self):
+        # Under tf.distribute each replica samples labels for its own rows:
+        # replica r draws from base + REPLICA_SEED_STRIDE·r (replica 0 as
+        # one device), not all from one stream.
+        base = super()._fisher_seed_base()
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return base
+        replica = tf.cast(context.replica_id_in_sync_group, base.dtype)
+        return base + replica * REPLICA_SEED_STRIDE
 
     def train_step(self, data):
         if not self._fisher_active():
