@@ -27,6 +27,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_ginger  # noqa: E402
+from tests.multiprocess import state  # noqa: E402,F401
 
 GLOBAL_BATCH, STEPS, SEED = 16, 8, 3
 
@@ -62,19 +63,6 @@ def fit(model, X, Y, rank, world, steps):
               y[:steps * GLOBAL_BATCH // world],
               batch_size=GLOBAL_BATCH // world, epochs=1, shuffle=False,
               verbose=0)
-
-
-def state(model):
-    """{name: array}: the weights (``w0``, ...) and the optimizer variables
-    (``opt00``, ...; a basis U ``opt03:curvature_basis``), by position (a
-    loaded model's variables have other paths), and ``iterations``."""
-    out = {f"w{i}": v for i, v in enumerate(model.trainable_variables)}
-    for i, v in enumerate(model.optimizer.variables):
-        basis = v.path.endswith("curvature_basis")
-        out[f"opt{i:02d}" + (":curvature_basis" if basis else "")] = v
-    out["iterations"] = model.optimizer.iterations
-    return {k: np.array(keras.ops.convert_to_numpy(v))
-            for k, v in out.items()}
 
 
 def run(rank, world, ckpt=None):

@@ -14,6 +14,8 @@ import keras
 import numpy as np
 import pytest
 
+from tests import multiprocess
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = keras.backend.backend()
 
@@ -52,13 +54,6 @@ def test_jax_model_parallel_shards_basis_like_variable(tmp_path):
     assert list(z["shard_rows"]) == [int(z["n"]) // 4]
 
 
-def _signed(U):
-    """U with each column's largest entry positive (an eigenvector's sign is
-    arbitrary; reductions in another order may flip it)."""
-    idx = np.abs(U).argmax(axis=0)
-    return U * np.sign(U[idx, np.arange(U.shape[1])])
-
-
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
 def test_jax_sharded_state_equals_replicated(tmp_path):
     """`shard_state=True` (ZeRO-1) under DataParallel on 2 and 4 devices:
@@ -81,7 +76,8 @@ def test_jax_sharded_state_equals_replicated(tmp_path):
         for i in range(n_state):
             got, want = z[f"s_{key}_{i}"], z[f"s_{ref}_{i}"]
             if i in set(z["bases"].tolist()):
-                got, want = _signed(got), _signed(want)
+                got, want = (multiprocess.signed_columns(got),
+                             multiprocess.signed_columns(want))
             scale = max(float(np.abs(want).max()), 1e-30)
             assert np.abs(got - want).max() <= 1e-5 * scale, (R, i)
     # The sharded state's checkpoint loads without a distribution, exactly.

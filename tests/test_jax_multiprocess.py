@@ -6,25 +6,15 @@ process 0 writes loads in a plain process and resumes as the one-process
 run's own file does."""
 
 import os
-import socket
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 
+from tests import multiprocess
+
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "jax",
                                 reason="jax.distributed is JAX's")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -33,56 +23,22 @@ def runs(tmp_path_factory):
     from tests import jax_multiprocess_script as script
 
     d = tmp_path_factory.mktemp("jax_multiprocess")
-    port = _free_port()
+    port, = multiprocess.free_ports()
     outs = [str(d / f"process_{r}.npz") for r in range(2)]
     ckpt = str(d / "distributed.keras")
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
                OMP_NUM_THREADS="1",
                XLA_FLAGS="--xla_force_host_platform_device_count=1 "
                          "--xla_cpu_multi_thread_eigen=false")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "tests.jax_multiprocess_script", str(r), "2",
-         str(port), outs[r], ckpt], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for r in range(2)]
-    try:
-        # The reference, while the two processes start and compile.
-        single_ckpt = str(d / "single.keras")
-        single = script.run(0, 1, single_ckpt)
-        for p in procs:
-            _, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-3000:]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+    procs = multiprocess.launch("tests.jax_multiprocess_script",
+                                [(r, 2, port, outs[r], ckpt) for r in range(2)],
+                                env)
+    # The reference, while the two processes start and compile.
+    single_ckpt = str(d / "single.keras")
+    single = script.run(0, 1, single_ckpt)
+    multiprocess.wait(procs)
     return {"processes": [dict(np.load(out)) for out in outs],
             "single": single, "ckpt": ckpt, "single_ckpt": single_ckpt}
-
-
-def _signed(name, a):
-    """A basis U (n, k) with each column's largest entry positive: an
-    eigenvector's sign is arbitrary, and float32 sums in another order may
-    flip it."""
-    if not name.endswith("curvature_basis"):
-        return a
-    idx = np.abs(a).argmax(axis=0)
-    return a * np.sign(a[idx, np.arange(a.shape[1])])
-
-
-def _assert_close(got, want, rtol=1e-5):
-    """Every array of ``want`` within ``rtol`` (relative, in norm) in
-    ``got``; integer ones (the step count) equal."""
-    assert sorted(got) == sorted(want)
-    assert any(k.endswith("curvature_basis") for k in want)
-    for name in sorted(want):
-        a, b = _signed(name, got[name]), _signed(name, want[name])
-        if not np.issubdtype(b.dtype, np.floating) or not np.any(b):
-            np.testing.assert_array_equal(a, b, err_msg=name)
-            continue
-        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
-        assert rel <= rtol, (name, rel)
 
 
 def test_two_processes_equal_one_process_on_the_global_batch(runs):
@@ -92,7 +48,7 @@ def test_two_processes_equal_one_process_on_the_global_batch(runs):
         np.testing.assert_array_equal(p0[name], p1[name], err_msg=name)
     # g and d of the global batch, summed in another order: a few ulps
     # (the bases U up to the signs of their columns).
-    _assert_close(p0, runs["single"])
+    multiprocess.assert_close(p0, runs["single"])
     assert int(p0["iterations"]) == 8
 
 
@@ -108,5 +64,5 @@ def test_process_0_checkpoint_loads_and_resumes_in_a_plain_process(runs):
                                       err_msg=name)
     # One more step: as the one-process run resumed from its own file.
     _, single_resumed = script.resume(runs["single_ckpt"])
-    _assert_close(resumed, single_resumed)
+    multiprocess.assert_close(resumed, single_resumed)
     assert int(resumed["iterations"]) == 9

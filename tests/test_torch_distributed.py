@@ -3,38 +3,25 @@ custom loop of Keras's torch guide): equal to one process on the global
 batch, replicas bit-identical; without combining d they drift apart."""
 
 import os
-import socket
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 
+from tests import multiprocess
+
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch",
                                 reason="torch.distributed is torch's")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_ranks(mode, tmp_path):
-    port = _free_port()
+    port, = multiprocess.free_ports()
     outs = [str(tmp_path / f"{mode}_{r}.npz") for r in range(2)]
     env = dict(os.environ, KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "tests.torch_ddp_script", str(r), "2",
-         str(port), mode, outs[r]], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    multiprocess.wait(multiprocess.launch(
+        "tests.torch_ddp_script",
+        [(r, 2, port, mode, outs[r]) for r in range(2)], env))
     runs = []
     for out in outs:
         z = np.load(out)
@@ -43,21 +30,15 @@ def _two_ranks(mode, tmp_path):
     return runs
 
 
+def _signed_if_basis(a):
+    return multiprocess.signed_columns(a) if a.ndim == 2 else a
+
+
 @pytest.fixture(scope="module")
 def one_process():
     from tests import torch_ddp_script
 
     return torch_ddp_script.run(0, 1, "shifted")
-
-
-def _signed(a):
-    """A basis U (n, k) with each column's largest entry positive: an
-    eigenvector's sign is arbitrary, and float32 sums in another order may
-    flip it."""
-    if a.ndim != 2:
-        return a
-    idx = np.abs(a).argmax(axis=0)
-    return a * np.sign(a[idx, np.arange(a.shape[1])])
 
 
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path,
@@ -70,7 +51,8 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path,
     for got, want in zip(r0[0], one_process[0]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     for got, want in zip(r0[1], one_process[1]):
-        np.testing.assert_allclose(_signed(got), _signed(want), rtol=1e-5,
+        np.testing.assert_allclose(_signed_if_basis(got),
+                                   _signed_if_basis(want), rtol=1e-5,
                                    atol=1e-6)
 
 

@@ -32,6 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_ginger  # noqa: E402
+from tests.multiprocess import state  # noqa: E402,F401
 
 GLOBAL_BATCH, STEPS, SEED = 16, 6, 3
 
@@ -54,19 +55,6 @@ def local_rows(a, index, parts):
     shard = GLOBAL_BATCH // parts
     a = a.reshape(-1, GLOBAL_BATCH, *a.shape[1:])
     return a[:, index * shard:(index + 1) * shard].reshape(-1, *a.shape[2:])
-
-
-def state(model):
-    """{name: array}: the weights (``w0``, ...), the optimizer variables
-    (``opt00``, ...; a basis U ``opt03:curvature_basis``) by position, and
-    ``iterations``."""
-    out = {f"w{i}": v for i, v in enumerate(model.trainable_variables)}
-    for i, v in enumerate(model.optimizer.variables):
-        basis = v.path.endswith("curvature_basis")
-        out[f"opt{i:02d}" + (":curvature_basis" if basis else "")] = v
-    out["iterations"] = model.optimizer.iterations
-    return {k: np.array(keras.ops.convert_to_numpy(v))
-            for k, v in out.items()}
 
 
 def build(strategy=None):
