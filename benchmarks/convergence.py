@@ -113,6 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--run-eagerly", action="store_true",
                    help="no compiled train step (tests, debugging; timings "
                         "are then meaningless)")
+    p.add_argument("--report-only", metavar="JSON", default=None,
+                   help="rewrite the Markdown and plots of a results JSON "
+                        "(after a change to the report) without training")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--prefix", default=None,
                    help="output file prefix (default: convergence, or "
@@ -147,6 +150,16 @@ def _protocol(task_names, seeds, lr_points):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report_only:
+        with open(args.report_only) as f:
+            data = json.load(f)
+        meta = data["meta"]
+        out = os.path.dirname(os.path.abspath(args.report_only))
+        prefix = os.path.splitext(os.path.basename(args.report_only))[0]
+        write_outputs(data["runs"], data["timings_s"], meta, out, prefix,
+                      meta["tasks"], meta["optimizers"])
+        print(f"rewrote {os.path.join(out, prefix)}.md")
+        return 0
     for spec in args.lrs:
         name, _, values = spec.partition("=")
         if name not in OPTIMIZERS or not values:

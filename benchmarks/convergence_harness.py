@@ -345,10 +345,18 @@ def _mean(xs):
 
 
 def select_lr(runs):
-    """lr with the lowest mean best validation loss (diverged = inf)."""
+    """lr with the lowest mean best validation loss (diverged = inf), over
+    the seeds every lr was run with (the grid's seed where the others ran
+    only at the selected lr: an lr is not chosen for a lucky single seed)."""
+    seeds = {}
+    for r in runs:
+        seeds.setdefault(r["learning_rate"], set()).add(r.get("seed"))
+    common = set.intersection(*seeds.values()) if seeds else set()
     by_lr = {}
     for r in runs:
-        by_lr.setdefault(r["learning_rate"], []).append(r["best_val_loss"])
+        if r.get("seed") in common:
+            by_lr.setdefault(r["learning_rate"], []).append(
+                r["best_val_loss"])
     return min(sorted(by_lr), key=lambda lr: _mean(by_lr[lr]))
 
 

@@ -233,16 +233,18 @@ def top_eigh(C, k):
 def _rotate(U, p, A, b, m, w, a1, damping, theta, eta, scale, norm):
     """Rows of U' = U A + p bᵀ, and of the step (m̃ - U'w)/γ + U'a1 with
     m̃ = scale·m, multiplied by scale (or θ - η·that when θ is given);
-    also the squared norm of the (scaled) step when ``norm`` (else 0).
+    also, when ``norm``, the squared norm of the step before that
+    multiplication (the step's norm in the metric), else 0.
     ``p`` may be a `Residual` restricted to these rows."""
     if isinstance(p, Residual):
         p = _residual_rows(U, p.d, p.c1, p.valid)
     U_new = ops.matmul(U, A) + ops.outer(p, b)
     step = ((_scaled(m, scale) - ops.matmul(U_new, w)) / damping
             + ops.matmul(U_new, a1))
+    sq = ops.sum(step * step) if norm else 0.0
     step = _scaled(step, scale)
     out = step if theta is None else theta - eta * step
-    return U_new, out, ops.sum(step * step) if norm else 0.0
+    return U_new, out, sq
 
 
 def _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, scale,
@@ -315,13 +317,17 @@ def rotate(U, p, A, b, m, w, a1, damping, complete=False, block_rows=None,
     Returns (U', step), or (U', θ - η·step) given ``theta`` and ``eta``.
     ``scale`` (n,), optional: the Woodbury step of scale·m, multiplied by
     scale on the way out (a diagonal metric: D^{-1/2}(γI + M̃)⁻¹D^{-1/2}m).
-    ``norm=True`` appends ‖step‖², accumulated in the same pass.
+    ``norm=True`` appends the squared norm of the Woodbury step before that
+    multiplication, ‖(γI + M̃)⁻¹m̃‖² (the step's norm in the metric),
+    accumulated in the same pass: exact where `step_norm` is not (see
+    `step_norm_is_accurate`).
     """
     if complete:
         U_new = ops.matmul(U, A)
-        step = _scaled(ops.matmul(U_new, a1), scale)
-        out = step if theta is None else theta - eta * step
+        step = ops.matmul(U_new, a1)
         sq = ops.sum(step * step) if norm else 0.0
+        step = _scaled(step, scale)
+        out = step if theta is None else theta - eta * step
     elif _row_blocks(U.shape[0], block_rows) is None:
         U_new, out, sq = _rotate(U, p, A, b, m, w, a1, damping, theta, eta,
                                  scale, norm)
@@ -340,13 +346,28 @@ def step_norm(m_sq, w, sigma, damping, complete=False):
         ‖step‖² = (‖m‖² - ‖w‖²)/γ² + ‖w/(γ+σ)‖²        (complete: 2nd term)
 
     ``m_sq`` is ‖m‖². Used by the grafting scale rule, which only needs the
-    norm, so the fused pass that writes θ' can stay one pass.
+    norm, so the fused pass that writes θ' can stay one pass. The outside
+    term is a difference: see `step_norm_is_accurate` for when to trust it.
     """
     inside = ops.sum(ops.square(w / (damping + sigma)))
     if complete:
         return ops.sqrt(inside)
     outside = ops.maximum(m_sq - ops.sum(w * w), 0.0) / ops.square(damping)
     return ops.sqrt(outside + inside)
+
+
+# `step_norm`'s outside term subtracts two sums of size ‖m‖² (each with a
+# float32 error of a few ε‖m‖²) and divides by γ². Trusted when that error,
+# taken as 8ε‖m‖²/γ², is at most 2e-6 of ‖step‖² (1e-6 of ‖step‖).
+STEP_NORM_SLACK = 2e-6 / (8.0 * EPS32)
+
+
+def step_norm_is_accurate(m_sq, norm, damping):
+    """Whether `step_norm`'s value ``norm`` is accurate to ~1e-6 relative:
+    ‖m‖² ≤ STEP_NORM_SLACK·γ²‖step‖² (about 2.1·γ²‖step‖²). It fails where
+    most of m lies in span(U) with σ ≫ γ (small damping): there the caller
+    forms the step and takes its norm (`rotate(..., norm=True)`)."""
+    return m_sq <= STEP_NORM_SLACK * ops.square(damping * norm)
 
 
 def finish(U, proj, sigma, V, m, damping, complete=False, block_rows=None,

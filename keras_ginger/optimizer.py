@@ -167,7 +167,7 @@ def _basis_layout(layout):
     return keras.distribution.TensorLayout((first, None), layout.device_mesh)
 
 
-def _sharded_state_layouts(shape, k, layout):
+def _sharded_state_layouts(shape, layout):
     """(state layout, basis layout) for `shard_state=True` and a variable
     that is not sharded itself: m and v sharded along their first axis, U
     (n, k) along n, over the distribution's data-parallel (batch) mesh axis,
@@ -193,8 +193,10 @@ _Entry = collections.namedtuple(
     "_Entry", "var idx d_ok d m eta g_ok lr adam")
 _Entry.__doc__ = "One variable's inputs to the update (flat float32)."
 _Adam = collections.namedtuple("_Adam", "v step norm inv_sqrt_d m_sq")
-_Adam.__doc__ = ("Adam's second moment, its step m̂/D, that norm and "
-                 "D^{-1/2} (Adam's diagonal metric, for `metric='adam'`).")
+_Adam.__doc__ = (
+    "Adam's second moment v, its step m̂/D, that step's norm in the metric "
+    "(‖m̂/D‖, or ‖D^{-1/2}m̂‖ = ‖D^{1/2}·m̂/D‖ with `metric='adam'`), "
+    "D^{-1/2}, and ‖m‖² in the metric (‖m‖² or ‖D^{-1/2}m‖²).")
 
 
 class _PerReplica:
@@ -283,9 +285,9 @@ class Ginger(keras.optimizers.Optimizer):
     Fisher) and a one-time warning says how to get the sampled Fisher.
     Curvature is block-diagonal across variables. Memory: (τ+1)·n floats per
     preconditioned variable (U and the momentum) plus k for σ; n for one with
-    the identity preconditioner; n more for v when grafting to Adam. Time is
-    linear in n. The state is float32
-    whatever the variable dtype.
+    the identity preconditioner; n more for Adam's v (`graft="adam"` or
+    `metric="adam"`, the defaults). Time is linear in n. The state is
+    float32 whatever the variable dtype.
 
     Non-finite values never enter the state: a variable whose g_t has a
     non-finite entry keeps its momentum and its value for that step; a
@@ -310,7 +312,7 @@ class Ginger(keras.optimizers.Optimizer):
             learning rate there unless grafted). Defaults to `0.3`.
         exclude_from_curvature: list of regular expressions; a variable
             whose path matches one (`re.search`) gets the identity
-            preconditioner (Adam's step when grafting to Adam, else m̂/γ)
+            preconditioner (Adam's step when Adam's v is kept, else m̂/γ)
             and no curvature state. Like
             `exclude_from_weight_decay`, e.g. `["embeddings", "bias"]`.
         max_curvature_size: int or None. Variables with more entries get the
@@ -455,7 +457,7 @@ class Ginger(keras.optimizers.Optimizer):
             layout = _keras_compat.variable_layout(var)
             basis_layout = _basis_layout(layout)
             if self.shard_state and basis_layout is None:
-                layout, basis_layout = _sharded_state_layouts(var.shape, k,
+                layout, basis_layout = _sharded_state_layouts(var.shape,
                                                               layout)
             self._momentums.append(self.add_variable(
                 var.shape, dtype="float32", name=f"{prefix}_momentum",
@@ -487,7 +489,9 @@ class Ginger(keras.optimizers.Optimizer):
         """Whether `variable` is preconditioned by its own curvature.
 
         False when its path matches `exclude_from_curvature` or its size
-        exceeds `max_curvature_size`: it then steps with m̂/γ.
+        exceeds `max_curvature_size`: it then takes Adam's step (with
+        `graft="adam"` or `metric="adam"`, the default) or m̂/γ (the paper's
+        step).
         """
         n = int(np.prod(variable.shape))
         if self.max_curvature_size is not None and n > self.max_curvature_size:
@@ -797,7 +801,13 @@ class Ginger(keras.optimizers.Optimizer):
         direction = (γₜI + M̃)⁻¹D^{-1/2}m, whose norm that gives too)."""
         if self.graft is None:
             return e.eta if self.metric is None else e.eta * damping
-        norm = curvature.step_norm(e.adam.m_sq, w, sigma, damping, complete)
+        return self._graft_rate(e, curvature.step_norm(
+            e.adam.m_sq, w, sigma, damping, complete))
+
+    @staticmethod
+    def _graft_rate(e, norm):
+        """lr·‖Adam's step‖/``norm`` (0 for a bad g): the grafting rate for
+        a direction of that norm (both norms in the metric)."""
         rate = e.lr * e.adam.norm / ops.where(norm > 0.0, norm, 1.0)
         return ops.where(e.g_ok, rate, 0.0)
 
@@ -809,7 +819,8 @@ class Ginger(keras.optimizers.Optimizer):
 
     def _identity_step(self, e):
         """The step of a variable without curvature: η_t·m/γ (paper) or
-        lr·m̂/(√v̂+ε), Adam's step, when grafting to Adam."""
+        lr·m̂/(√v̂+ε), Adam's step, when Adam's v is kept (`graft="adam"`
+        or `metric="adam"`)."""
         if e.adam is not None:
             return ops.where(e.g_ok, e.lr, 0.0) * e.adam.step
         return (e.eta / self.damping) * e.m
@@ -870,32 +881,54 @@ class Ginger(keras.optimizers.Optimizer):
             damping = self._damping_for(sigma)
             A, b, w, a1 = curvature.rotation(proj, sigma, V, damping,
                                              complete)
-            U_new, theta = curvature.rotate(
-                U, proj.p, A, b, e.m, w, a1, damping, complete, block_rows,
-                theta=self._theta(e.var),
-                eta=self._rate(e, w, sigma, damping, complete),
-                scale=self._metric_scale(e))
+            U_new, theta = self._rotate_and_step(
+                e, (U, proj.p, A, b, e.m, w, a1, damping, complete,
+                    block_rows), w, sigma, damping, complete)
             out.append((U_new, sigma, theta))
         return out
 
+    def _rotate_and_step(self, e, args, w, sigma, damping, complete):
+        """(U', θ') from the pass over U (`curvature.rotate`, args as it
+        takes them), θ' written in that pass where the rate is known in
+        small space; else (grafting, `step_norm` not accurate) the step is
+        formed first and its exact norm gives the rate."""
+        theta, scale = self._theta(e.var), self._metric_scale(e)
+        if self.graft is None or complete:
+            return curvature.rotate(
+                *args, theta=theta, scale=scale,
+                eta=self._rate(e, w, sigma, damping, complete))
+        norm = curvature.step_norm(e.adam.m_sq, w, sigma, damping)
+
+        def fused():
+            return curvature.rotate(*args, theta=theta, scale=scale,
+                                    eta=self._graft_rate(e, norm))
+
+        def exact():
+            U_new, direction, sq = curvature.rotate(*args, scale=scale,
+                                                    norm=True)
+            rate = self._graft_rate(e, ops.sqrt(sq))
+            return U_new, theta - rate * direction
+
+        return ops.cond(
+            curvature.step_norm_is_accurate(e.adam.m_sq, norm, damping),
+            fused, exact)
+
     def _reuse_curvature(self, entries):
-        """[(U, σ, θ')]: the step with the curvature as it is."""
+        """[(U, σ, θ')]: the step with the curvature as it is (the step is
+        formed, so grafting takes its exact norm)."""
         out = []
         for e in entries:
             U, sigma, complete = self._state(e.idx)
             damping = self._damping_for(sigma)
             scale = self._metric_scale(e)
             m = e.m if scale is None else e.m * scale
-            w = ops.matmul(m, U)
-            eta = self._rate(e, w, sigma, damping, complete)
-            if scale is None:
-                theta = curvature.woodbury_step(
-                    U, sigma, m, damping, complete, theta=self._theta(e.var),
-                    eta=eta, w=w)
+            step = curvature.woodbury_step(U, sigma, m, damping, complete)
+            if self.graft is None:
+                eta = e.eta if self.metric is None else e.eta * damping
             else:
-                theta = self._theta(e.var) - eta * scale * (
-                    curvature.woodbury_step(U, sigma, m, damping, complete,
-                                            w=w))
+                eta = self._graft_rate(e, ops.sqrt(ops.sum(step * step)))
+            theta = self._theta(e.var) - eta * (
+                step if scale is None else scale * step)
             out.append((U, sigma, theta))
         return out
 

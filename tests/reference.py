@@ -48,6 +48,7 @@ class DenseGinger:
         if self.graft is not None or self.metric is not None:
             self.v = b2 * self.v + (1 - b2) * g * g
         D = (np.sqrt(self.v) + self.graft_epsilon) / np.sqrt(1 - b2**self.t)
+        self.D = D  # Adam's denominator at this step (norms in the metric)
         s = D ** -0.5 if self.metric == "adam" else np.ones_like(g)
         M = self.M
         if update_curvature:

@@ -56,6 +56,58 @@ def test_adam_metric_step_matches_dense_reference(relative, graft):
     assert worst <= 1e-4
 
 
+@pytest.mark.parametrize("metric,relative,damping", [
+    (None, True, 1e-4), ("adam", True, 1e-4), ("adam", False, 1e-6)])
+def test_grafted_length_when_momentum_lies_in_the_basis(metric, relative,
+                                                        damping):
+    """g = d in a 3-dimensional subspace (τ = 6): m̂ lies in span(U) and
+    σ ≫ γ. The direction's norm from small space would subtract two nearly
+    equal numbers and divide by γ² (85 % off in float32 for the Euclidean
+    metric here), so the step is formed and its norm taken: the step's
+    length, in the metric, is the float64 reference's (Adam's). (Its
+    direction is as float32 allows: U holds m̂ to ε, and the ε outside
+    span(U) is divided by γ = 1e-4·σ₁.)"""
+    rng = np.random.default_rng(11)
+    n, tau, steps = 40, 6, 40
+    basis, _ = np.linalg.qr(rng.standard_normal((n, 3)))
+    gs = [f32(basis @ rng.standard_normal(3) * (1.0 + 0.1 * t))
+          for t in range(steps)]
+    kwargs = dict(graft="adam", relative_damping=relative, metric=metric)
+    ref = DenseGinger(n, tau, 0.9, 0.99, damping, **kwargs)
+    var = keras.Variable(np.zeros(n, np.float32))
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=damping,
+                              **kwargs)
+    worst = 0.0
+    for got, g in zip(drive(opt, var, gs, gs, compile=True), gs):
+        want = ref.step(g, g)
+        w = np.sqrt(ref.D) if metric == "adam" else 1.0
+        length = np.linalg.norm(w * np.ravel(got)) / np.linalg.norm(w * want)
+        worst = max(worst, abs(length - 1.0))
+    assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("n,interval", [(40, 3), (3, 1), (3, 2)])
+def test_default_reuse_path_and_complete_basis_match_reference(n, interval):
+    """The default step (Adam's metric, grafted, relative damping) with the
+    curvature reused between refreshes (curvature_interval = 3) and with a
+    complete basis (n = 3 < τ), against the float64 solve."""
+    rng = np.random.default_rng(12)
+    tau, steps = 4, 30
+    ds = [f32(rng.standard_normal(n) * rng.uniform(0.2, 2.0, n))
+          for _ in range(steps)]
+    gs = [f32(rng.standard_normal(n) * rng.uniform(0.1, 3.0, n))
+          for _ in range(steps)]
+    var = keras.Variable(np.zeros(n, np.float32))
+    opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau,
+                              curvature_interval=interval)
+    got = drive(opt, var, gs, ds, compile=True)
+    ref = DenseGinger(n, tau, 0.9, 0.99, 0.3, graft="adam",
+                      relative_damping=True, metric="adam")
+    for t, (step, g, d) in enumerate(zip(got, gs, ds)):
+        expect = ref.step(g, d, update_curvature=t % interval == 0)
+        assert rel_err(step, expect) <= 1e-4, t
+
+
 def test_adam_metric_without_curvature_is_keras_adam():
     rng = np.random.default_rng(9)
     init = f32(rng.standard_normal((5, 4)))
