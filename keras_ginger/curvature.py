@@ -24,7 +24,7 @@ stays accurate in float32 at any damping:
 The functions are split so that an optimizer can stack the small matrices of
 many variables and call one batched ``eigh``:
 
-    proj = project(U, d, m)                  # reads U 4 times (3 blocked)
+    proj = project(U, d, m)                  # reads U 4 times (2 blocked)
     C, scale = small_matrix(sigma, proj, beta_2)
     lam, V = top_eigh(C, k)                  # batched over leading axes
     U', sigma', step = finish(U, proj, lam * scale, V, m, damping)
@@ -113,27 +113,36 @@ def _residual_rows(U, d, c1, valid):
     return p if valid is None else ops.where(valid, p, 0.0)
 
 
-def _residual(U, d, m, c1, valid):
-    """p = d - U c1 and its statistics (Uᵀp, ‖p‖², pᵀm̂) for rows of U."""
+def _residual(U, d, m, c1, valid, scale=None):
+    """p = d - U c1 and its statistics (Uᵀp, ‖p‖², pᵀm̃) for rows of U,
+    m̃ = scale·m; given ``scale``, Uᵀm̃ too (the walk in blocks forms m̃
+    and Uᵀm̃ here, block by block, instead of in a pass of their own)."""
     p = _residual_rows(U, d, c1, valid)
-    return p, ops.matmul(p, U), ops.sum(p * p), ops.sum(p * m)
+    mt = _scaled(m, scale)
+    stats = (p, ops.matmul(p, U), ops.sum(p * p), ops.sum(p * mt))
+    return stats if scale is None else stats + (ops.matmul(mt, U),)
 
 
-def _residual_blocked(U, d, m, c1, valid, block_rows):
-    """`_residual`'s statistics in one pass over U, block by block; p itself
-    is not stored (see `Residual`)."""
+def _residual_blocked(U, d, m, c1, valid, block_rows, scale):
+    """`_residual`'s statistics and Uᵀm̃ in one pass over U, block by
+    block (m̃ = scale·m, scale None for 1); p itself is not stored (see
+    `Residual`)."""
     full, tail = _row_blocks(U.shape[0], block_rows)
+    ones = scale is None
 
     def stats(start, rows):
+        s = (ops.ones((rows,), dtype=m.dtype) if ones
+             else _rows(scale, start, rows))
         return _residual(*(_rows(x, start, rows) for x in (U, d, m)), c1,
-                         valid)[1:]
+                         valid, s)[1:]
 
     def body(i, carry):
         return tuple(a + b for a, b in zip(carry, stats(i * block_rows,
                                                         block_rows)))
 
     zero = ops.zeros((), dtype=d.dtype)
-    carry = ops.fori_loop(0, full, body, (ops.zeros_like(c1), zero, zero))
+    carry = ops.fori_loop(0, full, body, (ops.zeros_like(c1), zero, zero,
+                                          ops.zeros_like(c1)))
     if tail:
         start = full * block_rows
         carry = tuple(a + b for a, b in zip(
@@ -145,10 +154,10 @@ def project(U, d, m, complete=False, block_rows=None, valid=None,
             scale=None):
     """Coefficients of d and m̂ in span(U), and the residual of d.
 
-    Reads U four times (Uᵀd, Uᵀm̂, U c1, Uᵀp; with ``block_rows`` the last
-    two are one pass, and p is not stored but recomputed by `rotate`): the
-    second Gram–Schmidt pass is what keeps p orthogonal to U when d is
-    nearly in span(U).
+    Reads U four times (Uᵀd, Uᵀm̂, U c1, Uᵀp): the second Gram–Schmidt
+    pass is what keeps p orthogonal to U when d is nearly in span(U). With
+    ``block_rows``, twice: Uᵀd, then one walk in blocks for U c1, Uᵀp and
+    Uᵀm̂, and p is not stored but recomputed by `rotate`.
     With ``complete=True`` (k = n) U spans everything: no residual exists.
     ``valid`` (scalar bool, optional): when False, d is taken as 0, so a
     non-finite d needs no sanitised copy.
@@ -157,24 +166,28 @@ def project(U, d, m, complete=False, block_rows=None, valid=None,
     then that of the scaled vectors.
     """
     k = U.shape[-1]
-    # d̃ and m̃ are stored for the two products below; U is read whole there:
-    # vector-matrix products run near memory speed under XLA on CPU, while
-    # a skinny (n, k)ᵀ(n, 2) product, or one fused loop over blocks of U,
-    # is slower (measured).
-    d, m = _scaled(d, scale), _scaled(m, scale)
+    blocked = (not complete
+               and _row_blocks(U.shape[0], block_rows) is not None)
+    # Whole-array vector-matrix products run near memory speed under XLA
+    # on CPU (a skinny (n, k)ᵀ(n, 2) product, or a loop over blocks of U of
+    # its own, is slower: measured), so d̃ is stored for Uᵀd̃; Uᵀm̃ is a
+    # product of its own only without the walk in blocks.
+    d = _scaled(d, scale)
     c1 = ops.matmul(d, U)
-    um = ops.matmul(m, U)
     dd = ops.sum(d * d)
     if valid is not None:
         c1 = ops.where(valid, c1, 0.0)
     zero = ops.zeros((), dtype=d.dtype)
-    if complete:
-        return Projection(c1, um, None, ops.zeros_like(c1), zero, zero,
-                          ops.zeros((), dtype="bool"))
-    if _row_blocks(U.shape[0], block_rows) is None:
-        p, c2, pp, pm = _residual(U, d, m, c1, valid)
+    if blocked:
+        p, c2, pp, pm, um = _residual_blocked(U, d, m, c1, valid,
+                                              block_rows, scale)
     else:
-        p, c2, pp, pm = _residual_blocked(U, d, m, c1, valid, block_rows)
+        m = _scaled(m, scale)
+        um = ops.matmul(m, U)
+        if complete:
+            return Projection(c1, um, None, ops.zeros_like(c1), zero, zero,
+                              ops.zeros((), dtype="bool"))
+        p, c2, pp, pm = _residual(U, d, m, c1, valid)
     # ‖p - U c2‖² = ‖p‖² - ‖c2‖² for orthonormal U.
     r2 = pp - ops.sum(c2 * c2)
     r = ops.sqrt(ops.maximum(r2, 0.0))

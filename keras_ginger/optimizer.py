@@ -889,29 +889,30 @@ class Ginger(keras.optimizers.Optimizer):
 
     def _rotate_and_step(self, e, args, w, sigma, damping, complete):
         """(U', θ') from the pass over U (`curvature.rotate`, args as it
-        takes them), θ' written in that pass where the rate is known in
-        small space; else (grafting, `step_norm` not accurate) the step is
-        formed first and its exact norm gives the rate."""
+        takes them), θ' written in that pass at the rate known in small
+        space. Where grafting's small-space norm is not accurate
+        (`curvature.step_norm_is_accurate`), θ' is then corrected to the
+        rate from the exact norm of the step, formed again from U' (a rare
+        branch: it only reads U', so U' is still written in place)."""
         theta, scale = self._theta(e.var), self._metric_scale(e)
         if self.graft is None or complete:
             return curvature.rotate(
                 *args, theta=theta, scale=scale,
                 eta=self._rate(e, w, sigma, damping, complete))
         norm = curvature.step_norm(e.adam.m_sq, w, sigma, damping)
-
-        def fused():
-            return curvature.rotate(*args, theta=theta, scale=scale,
-                                    eta=self._graft_rate(e, norm))
+        rate = self._graft_rate(e, norm)
+        U_new, theta = curvature.rotate(*args, theta=theta, scale=scale,
+                                        eta=rate)
+        m = e.m if scale is None else e.m * scale
 
         def exact():
-            U_new, direction, sq = curvature.rotate(*args, scale=scale,
-                                                    norm=True)
-            rate = self._graft_rate(e, ops.sqrt(sq))
-            return U_new, theta - rate * direction
+            step = curvature.woodbury_step(U_new, sigma, m, damping, w=w)
+            fix = self._graft_rate(e, ops.sqrt(ops.sum(step * step))) - rate
+            return theta - fix * (step if scale is None else scale * step)
 
-        return ops.cond(
+        return U_new, ops.cond(
             curvature.step_norm_is_accurate(e.adam.m_sq, norm, damping),
-            fused, exact)
+            lambda: theta, exact)
 
     def _reuse_curvature(self, entries):
         """[(U, σ, θ')]: the step with the curvature as it is (the step is
