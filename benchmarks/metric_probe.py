@@ -3,10 +3,12 @@ without grafting to Adam's step norm) against the default Ginger and Adam()
 at learning rate 1e-3, best validation loss over 3 seeds, on chosen suite
 tasks.
 
-The `metric_graft_*` results of 2026-11-29 07:30-08:00 were run with a
-probe subclass whose `_metric_theta` had the formula that is now
-`Ginger(metric="adam", graft="adam")` (their JSON rows say
-`probe_class: grafted_metric`, with `graft: None`).
+The `metric_graft_*` results of 2026-11-29 07:30-09:30 graft to the
+Euclidean norm of Adam's step (the first ones through a probe subclass:
+their JSON rows say `probe_class: grafted_metric`, with `graft: None`).
+Since commit 6e567b9, `Ginger(metric="adam", graft="adam")` measures both
+norms in Adam's metric; its results at lr 1e-3 are the default rows of
+results/convergence_default_v2.md.
 
     KERAS_BACKEND=jax python benchmarks/metric_probe.py digits breast_cancer
     KERAS_BACKEND=jax python benchmarks/metric_probe.py embeddings \

@@ -10,8 +10,8 @@ rows [r·B/R, (r+1)·B/R) of each global batch of B). `global_batches` is
 the one-process reference: `fit` on the global batches, no strategy. The
 Fisher labels come from a deterministic 'sampler' (ŷ = f + 0.5), so that d
 does not depend on how the batch is split (each replica draws labels for
-its own rows, with the same seed: Gaussian draws differ from one process's
-draws on the global batch).
+its own rows, replica r from base seed + REPLICA_SEED_STRIDE·r: Gaussian
+draws differ from one process's draws on the global batch).
 
 Keras 3 `fit` does not run under MultiWorkerMirroredStrategy with more than
 one worker (keras-team/keras#20585, tensorflow/tensorflow#72388): each
