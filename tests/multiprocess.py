@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import keras
 import numpy as np
@@ -28,25 +29,34 @@ def free_ports(n=1):
 
 def launch(module, args_per_rank, env):
     """Start ``python -m module *args`` once per entry of `args_per_rank`
-    (in the repository root, with `env`); returns the processes."""
-    return [subprocess.Popen(
-        [sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for args in args_per_rank]
+    (in the repository root, with `env`); returns the processes. Their
+    output goes to temporary files, not pipes: a rank blocked in a
+    collective must not wait on another whose pipe is full."""
+    procs = []
+    for args in args_per_rank:
+        log = tempfile.TemporaryFile("w+")
+        p = subprocess.Popen(
+            [sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
+            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        p.log = log
+        procs.append(p)
+    return procs
 
 
 def wait(procs, timeout=300):
-    """Wait for every process; fail with its stderr tail if one failed (the
-    others are killed)."""
+    """Wait for every process; fail with its output's tail if one failed
+    (the others are killed)."""
     try:
         for p in procs:
-            _, err = p.communicate(timeout=timeout)
-            assert p.returncode == 0, err[-3000:]
+            p.wait(timeout=timeout)
+            p.log.seek(0)
+            assert p.returncode == 0, p.log.read()[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
+                p.wait()
+            p.log.close()
 
 
 def signed_columns(U):
