@@ -271,7 +271,9 @@ class Ginger(keras.optimizers.Optimizer):
       Euclidean grafting of Ginger and Adam in the whitened coordinates
       D^{1/2}θ), ‖x‖ in the Euclidean one. Either norm of the Woodbury step
       is known in small space (`curvature.step_norm`), so the pass that
-      writes U' writes θ' too.
+      writes U' writes θ' too; where that norm would lose float32 accuracy
+      (m̂ mostly in span(U) with σ ≫ γ, `curvature.step_norm_is_accurate`)
+      the step is formed again from U' and its exact norm taken.
 
     Together, a loss multiplied by c gives the same updates (only Adam's ε
     breaks this), the learning rate means what it means for Adam, and a
