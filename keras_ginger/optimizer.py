@@ -189,6 +189,15 @@ def _sharded_state_layouts(shape, layout):
     return state, basis
 
 
+def _cond(pred, true_fn, false_fn):
+    """`ops.cond`, or a Python branch where ``pred`` is a concrete value on
+    JAX (eager JAX would trace and compile both branches at every call)."""
+    if (keras.backend.backend() == "jax"
+            and not _keras_compat.is_in_jax_tracing_scope(pred)):
+        return true_fn() if bool(pred) else false_fn()
+    return ops.cond(pred, true_fn, false_fn)
+
+
 _Entry = collections.namedtuple(
     "_Entry", "var idx d_ok d m eta g_ok lr adam")
 _Entry.__doc__ = "One variable's inputs to the update (flat float32)."
@@ -912,7 +921,7 @@ class Ginger(keras.optimizers.Optimizer):
             fix = self._graft_rate(e, ops.sqrt(ops.sum(step * step))) - rate
             return theta - fix * (step if scale is None else scale * step)
 
-        return U_new, ops.cond(
+        return U_new, _cond(
             curvature.step_norm_is_accurate(e.adam.m_sq, norm, damping),
             lambda: theta, exact)
 

@@ -56,15 +56,17 @@ def test_adam_metric_step_matches_dense_reference(relative, graft):
     assert worst <= 1e-4
 
 
+@pytest.mark.parametrize("compile", [True, False])
 @pytest.mark.parametrize("metric,relative,damping", [
     (None, True, 1e-4), ("adam", True, 1e-4), ("adam", False, 1e-6)])
 def test_grafted_length_when_momentum_lies_in_the_basis(metric, relative,
-                                                        damping):
+                                                        damping, compile):
     """g = d in a 3-dimensional subspace (τ = 6): m̂ lies in span(U) and
     σ ≫ γ. The direction's norm from small space would subtract two nearly
     equal numbers and divide by γ² (85 % off in float32 for the Euclidean
     metric here), so the step is formed and its norm taken: the step's
-    length, in the metric, is the float64 reference's (Adam's). (Its
+    length, in the metric, is the float64 reference's (Adam's), compiled
+    (the branch under `cond`) and eager (a Python branch on JAX). (Its
     direction is as float32 allows: U holds m̂ to ε, and the ε outside
     span(U) is divided by γ = 1e-4·σ₁.)"""
     rng = np.random.default_rng(11)
@@ -78,7 +80,7 @@ def test_grafted_length_when_momentum_lies_in_the_basis(metric, relative,
     opt = keras_ginger.Ginger(learning_rate=1.0, tau=tau, damping=damping,
                               **kwargs)
     worst = 0.0
-    for got, g in zip(drive(opt, var, gs, gs, compile=True), gs):
+    for got, g in zip(drive(opt, var, gs, gs, compile=compile), gs):
         want = ref.step(g, g)
         w = np.sqrt(ref.D) if metric == "adam" else 1.0
         length = np.linalg.norm(w * np.ravel(got)) / np.linalg.norm(w * want)
