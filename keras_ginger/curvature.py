@@ -113,14 +113,14 @@ def _residual_rows(U, d, c1, valid):
     return p if valid is None else ops.where(valid, p, 0.0)
 
 
-def _residual(U, d, m, c1, valid, scale=None):
+def _residual(U, d, m, c1, valid, scale=None, with_um=False):
     """p = d - U c1 and its statistics (Uᵀp, ‖p‖², pᵀm̃) for rows of U,
-    m̃ = scale·m; given ``scale``, Uᵀm̃ too (the walk in blocks forms m̃
+    m̃ = scale·m; with ``with_um``, Uᵀm̃ too (the walk in blocks forms m̃
     and Uᵀm̃ here, block by block, instead of in a pass of their own)."""
     p = _residual_rows(U, d, c1, valid)
     mt = _scaled(m, scale)
     stats = (p, ops.matmul(p, U), ops.sum(p * p), ops.sum(p * mt))
-    return stats if scale is None else stats + (ops.matmul(mt, U),)
+    return stats + (ops.matmul(mt, U),) if with_um else stats
 
 
 def _residual_blocked(U, d, m, c1, valid, block_rows, scale):
@@ -128,13 +128,11 @@ def _residual_blocked(U, d, m, c1, valid, block_rows, scale):
     block (m̃ = scale·m, scale None for 1); p itself is not stored (see
     `Residual`)."""
     full, tail = _row_blocks(U.shape[0], block_rows)
-    ones = scale is None
 
     def stats(start, rows):
-        s = (ops.ones((rows,), dtype=m.dtype) if ones
-             else _rows(scale, start, rows))
+        s = None if scale is None else _rows(scale, start, rows)
         return _residual(*(_rows(x, start, rows) for x in (U, d, m)), c1,
-                         valid, s)[1:]
+                         valid, s, with_um=True)[1:]
 
     def body(i, carry):
         return tuple(a + b for a, b in zip(carry, stats(i * block_rows,
@@ -243,29 +241,25 @@ def top_eigh(C, k):
     return lam, V
 
 
-def _rotate(U, p, A, b, m, w, a1, damping, theta, eta, scale, norm):
+def _rotate(U, p, A, b, m, w, a1, damping, theta, eta, scale):
     """Rows of U' = U A + p bᵀ, and of the step (m̃ - U'w)/γ + U'a1 with
-    m̃ = scale·m, multiplied by scale (or θ - η·that when θ is given);
-    also, when ``norm``, the squared norm of the step before that
-    multiplication (the step's norm in the metric), else 0.
+    m̃ = scale·m, multiplied by scale (or θ - η·that when θ is given).
     ``p`` may be a `Residual` restricted to these rows."""
     if isinstance(p, Residual):
         p = _residual_rows(U, p.d, p.c1, p.valid)
     U_new = ops.matmul(U, A) + ops.outer(p, b)
     step = ((_scaled(m, scale) - ops.matmul(U_new, w)) / damping
             + ops.matmul(U_new, a1))
-    sq = ops.sum(step * step) if norm else 0.0
     step = _scaled(step, scale)
-    out = step if theta is None else theta - eta * step
-    return U_new, out, sq
+    return U_new, (step if theta is None else theta - eta * step)
 
 
 def _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, scale,
-                    block_rows, norm):
+                    block_rows):
     """`_rotate` block by block, writing U' over U (in place under XLA).
 
     Given θ, θ' = θ - η·step is written over θ, else the step into a new
-    array. The squared norm of the step is accumulated only when ``norm``.
+    array.
     """
     full, tail = _row_blocks(U.shape[0], block_rows)
 
@@ -278,28 +272,24 @@ def _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, scale,
 
     def block(U, out, start, n):
         theta_b = None if theta is None else rows(out, start, n)
-        Ub, ob, sqb = _rotate(rows(U, start, n), rows(p, start, n), A, b,
-                              rows(m, start, n), w, a1, damping, theta_b,
-                              eta, rows(scale, start, n), norm)
+        Ub, ob = _rotate(rows(U, start, n), rows(p, start, n), A, b,
+                         rows(m, start, n), w, a1, damping, theta_b, eta,
+                         rows(scale, start, n))
         return (ops.slice_update(U, (start, 0), Ub),
-                ops.slice_update(out, (start,), ob), sqb)
+                ops.slice_update(out, (start,), ob))
 
     def body(i, carry):
-        U, out, sq = carry
-        U, out, sqb = block(U, out, i * block_rows, block_rows)
-        return U, out, sq + sqb if norm else sq
+        return block(*carry, i * block_rows, block_rows)
 
     # U' overwrites U and θ' overwrites θ block by block (each block is read
     # from the carried array and written back, so XLA works in place); the
     # other inputs are read from captured arrays.
-    zero = ops.zeros((), dtype=m.dtype)
     out = ops.zeros_like(m) if theta is None else theta
-    U, out, sq = ops.fori_loop(0, full, body, (U, out, zero))
+    U, out = ops.fori_loop(0, full, body, (U, out))
     if tail:
         start = full * block_rows
-        U, out, sqb = block(U, out, start, U.shape[0] - start)
-        sq = sq + sqb
-    return U, out, sq
+        U, out = block(U, out, start, U.shape[0] - start)
+    return U, out
 
 
 def rotation(proj, sigma, V, damping, complete=False):
@@ -324,30 +314,21 @@ def rotation(proj, sigma, V, damping, complete=False):
 
 
 def rotate(U, p, A, b, m, w, a1, damping, complete=False, block_rows=None,
-           theta=None, eta=None, scale=None, norm=False):
+           theta=None, eta=None, scale=None):
     """The pass over U: U' = U A + p bᵀ and the Woodbury step from U'.
 
     Returns (U', step), or (U', θ - η·step) given ``theta`` and ``eta``.
     ``scale`` (n,), optional: the Woodbury step of scale·m, multiplied by
     scale on the way out (a diagonal metric: D^{-1/2}(γI + M̃)⁻¹D^{-1/2}m).
-    ``norm=True`` appends the squared norm of the Woodbury step before that
-    multiplication, ‖(γI + M̃)⁻¹m̃‖² (the step's norm in the metric),
-    accumulated in the same pass: exact where `step_norm` is not (see
-    `step_norm_is_accurate`).
     """
     if complete:
         U_new = ops.matmul(U, A)
-        step = ops.matmul(U_new, a1)
-        sq = ops.sum(step * step) if norm else 0.0
-        step = _scaled(step, scale)
-        out = step if theta is None else theta - eta * step
-    elif _row_blocks(U.shape[0], block_rows) is None:
-        U_new, out, sq = _rotate(U, p, A, b, m, w, a1, damping, theta, eta,
-                                 scale, norm)
-    else:
-        U_new, out, sq = _rotate_blocked(U, p, A, b, m, w, a1, damping,
-                                         theta, eta, scale, block_rows, norm)
-    return (U_new, out, sq) if norm else (U_new, out)
+        step = _scaled(ops.matmul(U_new, a1), scale)
+        return U_new, step if theta is None else theta - eta * step
+    if _row_blocks(U.shape[0], block_rows) is None:
+        return _rotate(U, p, A, b, m, w, a1, damping, theta, eta, scale)
+    return _rotate_blocked(U, p, A, b, m, w, a1, damping, theta, eta, scale,
+                           block_rows)
 
 
 def step_norm(m_sq, w, sigma, damping, complete=False):
@@ -381,7 +362,8 @@ def step_norm_is_accurate(m_sq, norm, damping):
     """Whether `step_norm`'s value ``norm`` is accurate to ~1e-7 relative:
     ‖m‖² ≤ STEP_NORM_SLACK·γ²‖step‖² (about 0.21·γ²‖step‖²). It fails where
     most of m lies in span(U) with σ ≫ γ (small damping): there the caller
-    forms the step and takes its norm (`rotate(..., norm=True)`)."""
+    forms the step again from U' and takes its norm (the optimizer's
+    rare branch)."""
     return m_sq <= STEP_NORM_SLACK * ops.square(damping * norm)
 
 
