@@ -214,3 +214,24 @@ def test_ignore_class_masks_by_true_label():
     mask = np_(s.valid_mask(np.array([[1, -1, 0]])))
     np.testing.assert_array_equal(mask, [[True, False, True]])
     assert samplers.CategoricalSampler().valid_mask(np.array([1])) is None
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_categorical_never_draws_a_class_of_probability_zero(from_logits):
+    """Inverse-CDF sampling over a wide class axis with empty classes at
+    both ends and inside: those are never drawn, the others at their
+    frequencies."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.5, 1.5, 40)
+    p[[0, 7, 8, 39]] = 0.0
+    p /= p.sum()
+    y_pred = (np.where(p > 0, np.log(np.maximum(p, 1e-300)), -np.inf)
+              if from_logits else p).astype("float32")
+    batch = np.repeat(y_pred[None], N, axis=0)
+    sampler = samplers.CategoricalSampler(from_logits=from_logits)
+    y = np_(sampler.sample(ops.convert_to_tensor(batch),
+                           keras.random.SeedGenerator(3)))
+    assert y.shape == (N,)
+    freq = np.bincount(y, minlength=40) / N
+    assert (freq[p == 0] == 0).all(), freq
+    assert (np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / N) + 1e-12).all()
