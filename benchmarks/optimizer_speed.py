@@ -1,18 +1,31 @@
 """Update time of Ginger per parameter, against Keras Adam in the same run.
 
     KERAS_BACKEND=jax python benchmarks/optimizer_speed.py [--taus 4 8 16]
-        [--sizes 1e5 1e6 4e6] [--repeats 9]
+        [--sizes 1e5 1e6 4e6] [--repeats 15] [--many 200x5000] [--paper]
 
 For each (τ, n): one float32 variable of n entries, one optimizer update
-compiled as training compiles it (JAX: jax.jit of stateless_apply; TF:
-tf.function with XLA; torch: eager, as Keras runs optimizers there). Also
-timed: Keras Adam, and two memory floors: reading an (n, τ) float32 array
-once (d @ U) and copying it (read + write; an update must write U'). Prints medians in
-ns per parameter and writes JSON and Markdown under benchmarks/results/.
+compiled as training compiles it (JAX: jax.jit of stateless_apply with the
+state donated; TF: tf.function with XLA; torch: eager, as Keras runs
+optimizers there). Also timed, in the same run: Keras Adam; two memory
+floors, reading an (n, τ) float32 array once (d @ U) and copying it (read +
+write; an update must write U'); and the rotation floor, U @ A for a τ×τ A
+with U' written in place where the backend can (JAX: a loop over blocks of
+rows; TF, torch: whole arrays), the one product with τ² multiply-adds per
+row that every Ginger update makes (U' = [U, q]V).
+
+Each row prints the ratio Ginger/Adam and, next to it, two floors in units
+of Adam's time: the memory-traffic floor (floats an update must move per
+parameter over Adam's 7: g, d, m, θ, U read and m, θ, U written, 2τ + 6, and
+v read and written for the default step's Adam metric, 2τ + 8) and the
+measured rotation floor (U @ A's time over Adam's). ``--many CxN`` adds a
+row for C variables of N entries in one update against one variable of C·N
+entries: the ratio of their costs per parameter. Prints medians in ns per
+parameter and writes JSON and Markdown under benchmarks/results/.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -43,49 +56,63 @@ def _sync(x):
         keras.ops.convert_to_numpy(keras.ops.sum(x[:1]))
 
 
-def compiled_update(opt, var, with_fisher):
-    """A function (g, d) -> None that runs one optimizer update."""
-    opt.build([var])
+def compiled_update(opt, variables, with_fisher):
+    """A function (gs, ds) -> a value, running one optimizer update of the
+    list ``variables`` with gradients ``gs`` (and Fisher gradients ``ds``)."""
+    opt.build(variables)
     if BACKEND == "jax":
         import jax
 
-        def pure(opt_vars, value, g, d):
-            kwargs = {"fisher_grads": [d]} if with_fisher else {}
-            return opt.stateless_apply(opt_vars, [g], [value], **kwargs)
+        # Donated state in and updated state out in the same order, as
+        # Keras's JAX trainer passes it: XLA pairs each donated buffer with
+        # an output of the same shape in order, so a different order would
+        # alias e.g. θ' to m's buffer and add copies.
+        def pure(values, opt_vars, gs, ds):
+            kwargs = {"fisher_grads": ds} if with_fisher else {}
+            return opt.stateless_apply(opt_vars, gs, values, **kwargs)
 
         pure = jax.jit(pure, donate_argnums=(0, 1))
-        state = {"opt": [v.value for v in opt.variables], "var": var.value}
-        probe = keras.ops.zeros(var.shape)
-        memory = pure.lower(state["opt"], state["var"], probe,
-                            probe).compile().memory_analysis()
+        state = {"opt": [v.value for v in opt.variables],
+                 "vars": [v.value for v in variables]}
 
-        def run(g, d):
-            (value,), opt_vars = pure(state["opt"], state["var"], g, d)
-            state["opt"], state["var"] = opt_vars, value
-            return value
+        def run(gs, ds):
+            state["vars"], state["opt"] = pure(state["vars"], state["opt"],
+                                               gs, ds)
+            return state["vars"][0]
 
-        run.memory = memory
         return run
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
         @tf.function(jit_compile=True)
-        def run(g, d):
-            kwargs = {"fisher_grads": [d]} if with_fisher else {}
-            opt.apply([g], [var], **kwargs)
-            return var.value
+        def run(gs, ds):
+            kwargs = {"fisher_grads": ds} if with_fisher else {}
+            opt.apply(gs, variables, **kwargs)
+            return variables[0].value
 
         return run
 
     import torch
 
-    def run(g, d):
+    def run(gs, ds):
         with torch.no_grad():
-            kwargs = {"fisher_grads": [d]} if with_fisher else {}
-            opt.apply([g], [var], **kwargs)
-        return var.value
+            kwargs = {"fisher_grads": ds} if with_fisher else {}
+            opt.apply(gs, variables, **kwargs)
+        return variables[0].value
 
     return run
+
+
+def _compile(fn, donate=()):
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(fn, donate_argnums=donate)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    return fn
 
 
 def stream_baselines(n, tau):
@@ -95,29 +122,177 @@ def stream_baselines(n, tau):
     times; these two set the scale of what an update can cost here.
     """
     U = keras.ops.ones((n, tau))
-    read = lambda u, d: keras.ops.matmul(d, u)  # noqa: E731
-    copy = lambda u, d: u * 2.0  # noqa: E731
+    read = _compile(lambda u, d: keras.ops.matmul(d, u))
+    copy = _compile(lambda u, d: u * 2.0)
+    return (lambda gs, ds: read(U, ds[0])), (lambda gs, ds: copy(U, ds[0]))
+
+
+def rotation_floor(n, tau, block_rows=16384):
+    """U ← U A for a τ×τ A: the product every Ginger update makes.
+
+    JAX: U donated and overwritten block by block (the update's own walk);
+    TF, torch: one whole-array product (their update's form)."""
+    A = keras.ops.convert_to_tensor(
+        np.linalg.qr(np.random.default_rng(1).standard_normal(
+            (tau, tau)))[0].astype(np.float32))
+    state = {"U": keras.ops.ones((n, tau)) / math.sqrt(tau)}
     if BACKEND == "jax":
-        import jax
+        from jax import lax
 
-        read, copy = jax.jit(read), jax.jit(copy)
-    elif BACKEND == "tensorflow":
-        import tensorflow as tf
+        def walk(U):
+            def body(i, U):
+                start = i * block_rows
+                block = lax.dynamic_slice(U, (start, 0), (block_rows, tau))
+                return lax.dynamic_update_slice(U, block @ A, (start, 0))
 
-        read = tf.function(read, jit_compile=True)
-        copy = tf.function(copy, jit_compile=True)
-    return (lambda g, d: read(U, d)), (lambda g, d: copy(U, d))
+            return lax.fori_loop(0, n // block_rows, body, U)
+
+        product = _compile(walk, donate=(0,))
+    else:
+        product = _compile(lambda U: keras.ops.matmul(U, A))
+
+    def run(gs, ds):
+        state["U"] = product(state["U"])
+        return state["U"]
+
+    return run
 
 
-def median_seconds(fn, g, d, repeats, warmup=2):
+def median_seconds(fn, gs, ds, repeats, warmup=2):
     for _ in range(warmup):
-        _sync(fn(g, d))
+        _sync(fn(gs, ds))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _sync(fn(g, d))
+        _sync(fn(gs, ds))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _vectors(rng, count, size):
+    return [keras.ops.convert_to_tensor(
+        rng.standard_normal(size).astype(np.float32)) for _ in range(count)]
+
+
+def _ginger(tau, paper):
+    setting = (dict(graft=None, relative_damping=False, metric=None)
+               if paper else {})
+    return keras_ginger.Ginger(learning_rate=1e-3, tau=tau, **setting)
+
+
+def traffic_floor(tau, paper):
+    """Floats an update moves per parameter, over Adam's 7 (see doc)."""
+    return (2 * tau + (6 if paper else 8)) / 7.0
+
+
+def time_one(rng, n, tau, args):
+    """One row: Ginger, Adam and the floors for one variable of n entries."""
+    gs, ds = _vectors(rng, 1, n), _vectors(rng, 1, n)
+    adam = compiled_update(keras.optimizers.Adam(1e-3),
+                           [keras.Variable(np.zeros(n, np.float32))], False)
+    opt = _ginger(tau, args.paper)
+    update = compiled_update(opt, [keras.Variable(np.zeros(n, np.float32))],
+                             True)
+    read, copy = stream_baselines(n, tau)
+    rotate = rotation_floor(n, tau)
+    t = {name: median_seconds(fn, gs, ds, args.repeats)
+         for name, fn in (("adam", adam), ("ginger", update), ("read", read),
+                          ("copy", copy), ("rotate", rotate))}
+    state_bytes = sum(4 * int(np.prod(v.shape)) for v in opt.variables)
+    return {
+        "backend": BACKEND, "n": n, "tau": tau, "paper_step": args.paper,
+        "ginger_ns_per_param": 1e9 * t["ginger"] / n,
+        "adam_ns_per_param": 1e9 * t["adam"] / n,
+        "read_u_ns_per_param": 1e9 * t["read"] / n,
+        "copy_u_ns_per_param": 1e9 * t["copy"] / n,
+        "rotate_u_ns_per_param": 1e9 * t["rotate"] / n,
+        "ginger_over_adam": t["ginger"] / t["adam"],
+        "traffic_floor_over_adam": traffic_floor(tau, args.paper),
+        "rotation_floor_over_adam": t["rotate"] / t["adam"],
+        "state_floats_per_param": state_bytes / (4 * n),
+    }
+
+
+def time_many(rng, count, size, tau, args):
+    """``count`` variables of ``size`` entries in one update against one
+    variable of count·size entries: per-parameter cost ratio (and each
+    against Adam on the same variables)."""
+    row = {"backend": BACKEND, "count": count, "size": size, "tau": tau,
+           "paper_step": args.paper}
+    for label, c, s in (("one", 1, count * size), ("many", count, size)):
+        gs, ds = _vectors(rng, c, s), _vectors(rng, c, s)
+        made = [keras.Variable(np.zeros(s, np.float32)) for _ in range(c)]
+        t0 = time.perf_counter()
+        update = compiled_update(_ginger(tau, args.paper), made, True)
+        _sync(update(gs, ds))
+        row[f"{label}_first_call_s"] = time.perf_counter() - t0
+        adam = compiled_update(
+            keras.optimizers.Adam(1e-3),
+            [keras.Variable(np.zeros(s, np.float32)) for _ in range(c)],
+            False)
+        t_adam = median_seconds(adam, gs, ds, args.repeats)
+        t_ginger = median_seconds(update, gs, ds, args.repeats)
+        row[f"{label}_ginger_ns_per_param"] = 1e9 * t_ginger / (c * s)
+        row[f"{label}_ginger_over_adam"] = t_ginger / t_adam
+    row["many_over_one"] = (row["many_ginger_ns_per_param"]
+                            / row["one_ginger_ns_per_param"])
+    return row
+
+
+HEADER = (f"{'n':>10} {'tau':>4} {'ginger ns/p':>12} {'adam ns/p':>10} "
+          f"{'ginger/adam':>11} {'traffic floor':>13} {'U@A floor':>9} "
+          f"{'read U':>7} {'copy U':>7} {'state/n':>7}")
+
+
+def print_row(row):
+    print(f"{row['n']:>10} {row['tau']:>4} "
+          f"{row['ginger_ns_per_param']:>12.2f} "
+          f"{row['adam_ns_per_param']:>10.2f} "
+          f"{row['ginger_over_adam']:>11.2f} "
+          f"{row['traffic_floor_over_adam']:>13.2f} "
+          f"{row['rotation_floor_over_adam']:>9.2f} "
+          f"{row['read_u_ns_per_param']:>7.2f} "
+          f"{row['copy_u_ns_per_param']:>7.2f} "
+          f"{row['state_floats_per_param']:>7.2f}", flush=True)
+
+
+def write_markdown(path, meta, rows, many):
+    step = "the paper's step" if meta["paper_step"] else "the default step"
+    with open(path, "w") as f:
+        f.write(f"Update time of {step}, ns per parameter (median of "
+                f"{meta['repeats']}), backend {BACKEND} ({meta['mode']}), "
+                f"{meta['machine']}, {meta['date']}; ratios are to Keras "
+                "Adam measured in the same run. No GPU measured.\n\n")
+        f.write("| n | τ | Ginger | Adam | Ginger/Adam | traffic floor / "
+                "Adam | U@A floor / Adam | read U once | copy U | "
+                "state floats / n |\n")
+        f.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+        for r in rows:
+            f.write(f"| {r['n']:.0e} | {r['tau']} | "
+                    f"{r['ginger_ns_per_param']:.2f} | "
+                    f"{r['adam_ns_per_param']:.2f} | "
+                    f"**{r['ginger_over_adam']:.2f}** | "
+                    f"{r['traffic_floor_over_adam']:.2f} | "
+                    f"{r['rotation_floor_over_adam']:.2f} | "
+                    f"{r['read_u_ns_per_param']:.2f} | "
+                    f"{r['copy_u_ns_per_param']:.2f} | "
+                    f"{r['state_floats_per_param']:.2f} |\n")
+        if many:
+            f.write("\nMany variables against one of the same total size "
+                    "(ns per parameter; first call = trace + compile + one "
+                    "update, seconds)\n\n| variables | τ | one: Ginger | "
+                    "one: /Adam | one: first call | many: Ginger | many: "
+                    "/Adam | many: first call | many / one |\n")
+            f.write("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+            for r in many:
+                f.write(f"| {r['count']} × {r['size']} | {r['tau']} | "
+                        f"{r['one_ginger_ns_per_param']:.2f} | "
+                        f"{r['one_ginger_over_adam']:.2f} | "
+                        f"{r['one_first_call_s']:.1f} | "
+                        f"{r['many_ginger_ns_per_param']:.2f} | "
+                        f"{r['many_ginger_over_adam']:.2f} | "
+                        f"{r['many_first_call_s']:.1f} | "
+                        f"**{r['many_over_one']:.2f}** |\n")
 
 
 def main():
@@ -125,7 +300,11 @@ def main():
     parser.add_argument("--taus", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--sizes", type=float, nargs="+",
                         default=[1e5, 1e6, 4e6])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--many", nargs="*", default=[],
+                        help="COUNTxSIZE, e.g. 200x5000: that many variables "
+                             "against one of the same total size (τ = the "
+                             "first of --taus)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--paper", action="store_true",
                         help="time the paper's step (graft=None, "
@@ -135,83 +314,41 @@ def main():
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    rows = []
-    print(f"backend={BACKEND}  keras={keras.__version__}  "
+    mode = {"jax": "jax.jit, state donated",
+            "tensorflow": "tf.function(jit_compile=True)",
+            "torch": "eager"}[BACKEND]
+    print(f"backend={BACKEND} ({mode})  keras={keras.__version__}  "
           f"machine={platform.machine()} {os.cpu_count()} cores")
-    print(f"{'n':>10} {'tau':>4} {'ginger ns/p':>12} {'adam ns/p':>10} "
-          f"{'read U':>7} {'copy U':>7} {'ginger/adam':>11} "
-          f"{'state/n':>7} {'temp/n':>6}")
+    print(HEADER)
+    rows = []
     for n in [int(s) for s in args.sizes]:
-        g = keras.ops.convert_to_tensor(
-            rng.standard_normal(n).astype(np.float32))
-        d = keras.ops.convert_to_tensor(
-            rng.standard_normal(n).astype(np.float32))
-        adam_var = keras.Variable(np.zeros(n, np.float32))
-        adam = compiled_update(keras.optimizers.Adam(1e-3), adam_var, False)
-        t_adam = median_seconds(adam, g, d, args.repeats)
         for tau in args.taus:
-            var = keras.Variable(np.zeros(n, np.float32))
-            setting = (dict(graft=None, relative_damping=False, metric=None)
-                       if args.paper else {})
-            opt = keras_ginger.Ginger(learning_rate=1e-3, tau=tau, **setting)
-            update = compiled_update(opt, var, True)
-            t_ginger = median_seconds(update, g, d, args.repeats)
-            state_bytes = sum(4 * int(np.prod(v.shape)) for v in opt.variables)
-            read, copy = stream_baselines(n, tau)
-            t_read = median_seconds(read, g, d, args.repeats)
-            t_copy = median_seconds(copy, g, d, args.repeats)
-            row = {
-                "backend": BACKEND, "n": n, "tau": tau,
-                "ginger_ns_per_param": 1e9 * t_ginger / n,
-                "adam_ns_per_param": 1e9 * t_adam / n,
-                "read_u_ns_per_param": 1e9 * t_read / n,
-                "copy_u_ns_per_param": 1e9 * t_copy / n,
-            }
-            row["ginger_over_adam"] = t_ginger / t_adam
-            # Memory: state (τ+1)·n + k floats; XLA's temporaries of the
-            # compiled update (JAX), in units of the variable's size.
-            row["state_floats_per_param"] = state_bytes / (4 * n)
-            memory = getattr(update, "memory", None)
-            if memory is not None:
-                row["update_temp_in_variables"] = (
-                    memory.temp_size_in_bytes / (4 * n))
-            rows.append(row)
-            print(f"{n:>10} {tau:>4} {row['ginger_ns_per_param']:>12.2f} "
-                  f"{row['adam_ns_per_param']:>10.2f} "
-                  f"{row['read_u_ns_per_param']:>7.2f} "
-                  f"{row['copy_u_ns_per_param']:>7.2f} "
-                  f"{row['ginger_over_adam']:>11.2f} "
-                  f"{row['state_floats_per_param']:>7.2f} "
-                  f"{row.get('update_temp_in_variables', float('nan')):>6.2f}",
-                  flush=True)
-            del var, opt
+            rows.append(time_one(rng, n, tau, args))
+            print_row(rows[-1])
+    many = []
+    for spec in args.many:
+        count, size = (int(float(x)) for x in spec.lower().split("x"))
+        many.append(time_many(rng, count, size, args.taus[0], args))
+        r = many[-1]
+        print(f"{count} x {size}: {r['many_ginger_ns_per_param']:.2f} ns/p "
+              f"against one variable's {r['one_ginger_ns_per_param']:.2f}: "
+              f"{r['many_over_one']:.2f}x per parameter; first call "
+              f"{r['many_first_call_s']:.1f} s against "
+              f"{r['one_first_call_s']:.1f} s", flush=True)
 
     os.makedirs(RESULTS, exist_ok=True)
     out = args.out or os.path.join(RESULTS, f"optimizer_speed_{BACKEND}.json")
     meta = {
-        "date": time.strftime("%Y-%m-%d"),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{os.cpu_count()} cores",
         "keras": keras.__version__, "repeats": args.repeats,
-        "statistic": "median",
+        "statistic": "median", "mode": mode, "paper_step": args.paper,
+        "gpu": "none measured",
     }
     with open(out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    with open(out[:-5] + ".md", "w") as f:
-        f.write(f"Update time, ns per parameter (median of {args.repeats}), "
-                f"backend {BACKEND}, {meta['machine']}, {meta['date']}\n\n")
-        f.write("| n | τ | Ginger | Adam | read U once | copy U | "
-                "Ginger/Adam | state floats / n | update temporaries / n |\n")
-        f.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-        for r in rows:
-            f.write(f"| {r['n']:.0e} | {r['tau']} | "
-                    f"{r['ginger_ns_per_param']:.2f} | "
-                    f"{r['adam_ns_per_param']:.2f} | "
-                    f"{r['read_u_ns_per_param']:.2f} | "
-                    f"{r['copy_u_ns_per_param']:.2f} | "
-                    f"{r['ginger_over_adam']:.2f} | "
-                    f"{r['state_floats_per_param']:.2f} | "
-                    f"{r.get('update_temp_in_variables', float('nan')):.2f} |\n")
+        json.dump({"meta": meta, "rows": rows, "many": many}, f, indent=1)
+    write_markdown(out[:-5] + ".md", meta, rows, many)
     print("wrote", out)
 
 

@@ -63,14 +63,16 @@ def worker(args):
 
     n = int(args.n)
     rng = np.random.default_rng(0)
-    g = keras.ops.convert_to_tensor(rng.standard_normal(n).astype("float32"))
-    d = keras.ops.convert_to_tensor(rng.standard_normal(n).astype("float32"))
+    g = [keras.ops.convert_to_tensor(
+        rng.standard_normal(n).astype("float32"))]
+    d = [keras.ops.convert_to_tensor(
+        rng.standard_normal(n).astype("float32"))]
     updates = {}
     for name, kw in _variants(keras_ginger, args.tau).items():
         opt = (keras.optimizers.Adam(1e-3) if kw is None
                else keras_ginger.Ginger(**kw))
         updates[name] = compiled_update(
-            opt, keras.Variable(np.zeros(n, "float32")), kw is not None)
+            opt, [keras.Variable(np.zeros(n, "float32"))], kw is not None)
     for fn in updates.values():  # compile and settle
         for _ in range(3):
             _sync(fn(g, d))
