@@ -19,8 +19,11 @@ parameter over Adam's 7: g, d, m, θ, U read and m, θ, U written, 2τ + 6, and
 v read and written for the default step's Adam metric, 2τ + 8) and the
 measured rotation floor (U @ A's time over Adam's). ``--many CxN`` adds a
 row for C variables of N entries in one update against one variable of C·N
-entries: the ratio of their costs per parameter. Prints medians in ns per
-parameter and writes JSON and Markdown under benchmarks/results/.
+entries: the ratio of their costs per parameter. Every repeat times all
+the functions of a row back to back; times are medians over repeats, ratios
+medians of the per-repeat ratios (this shared machine's speed drifts from
+minute to minute). Prints ns per parameter and writes JSON and Markdown
+under benchmarks/results/.
 """
 
 import argparse
@@ -158,15 +161,25 @@ def rotation_floor(n, tau, block_rows=16384):
     return run
 
 
-def median_seconds(fn, gs, ds, repeats, warmup=2):
-    for _ in range(warmup):
-        _sync(fn(gs, ds))
-    times = []
+def interleaved_seconds(fns, gs, ds, repeats, warmup=2):
+    """{name: per-repeat seconds}, every function timed once per repeat,
+    back to back: on a shared machine whose speed drifts from minute to
+    minute, ratios of the same repeat are what stays comparable."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            _sync(fn(gs, ds))
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        _sync(fn(gs, ds))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            _sync(fn(gs, ds))
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _ratio(times, num, den):
+    """Median over repeats of the per-repeat ratio."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def _vectors(rng, count, size):
@@ -195,9 +208,10 @@ def time_one(rng, n, tau, args):
                              True)
     read, copy = stream_baselines(n, tau)
     rotate = rotation_floor(n, tau)
-    t = {name: median_seconds(fn, gs, ds, args.repeats)
-         for name, fn in (("adam", adam), ("ginger", update), ("read", read),
-                          ("copy", copy), ("rotate", rotate))}
+    times = interleaved_seconds(
+        {"adam": adam, "ginger": update, "read": read, "copy": copy,
+         "rotate": rotate}, gs, ds, args.repeats)
+    t = {name: statistics.median(v) for name, v in times.items()}
     state_bytes = sum(4 * int(np.prod(v.shape)) for v in opt.variables)
     return {
         "backend": BACKEND, "n": n, "tau": tau, "paper_step": args.paper,
@@ -206,9 +220,9 @@ def time_one(rng, n, tau, args):
         "read_u_ns_per_param": 1e9 * t["read"] / n,
         "copy_u_ns_per_param": 1e9 * t["copy"] / n,
         "rotate_u_ns_per_param": 1e9 * t["rotate"] / n,
-        "ginger_over_adam": t["ginger"] / t["adam"],
+        "ginger_over_adam": _ratio(times, "ginger", "adam"),
         "traffic_floor_over_adam": traffic_floor(tau, args.paper),
-        "rotation_floor_over_adam": t["rotate"] / t["adam"],
+        "rotation_floor_over_adam": _ratio(times, "rotate", "adam"),
         "state_floats_per_param": state_bytes / (4 * n),
     }
 
@@ -219,23 +233,29 @@ def time_many(rng, count, size, tau, args):
     against Adam on the same variables)."""
     row = {"backend": BACKEND, "count": count, "size": size, "tau": tau,
            "paper_step": args.paper}
+    fns, data = {}, {}
     for label, c, s in (("one", 1, count * size), ("many", count, size)):
-        gs, ds = _vectors(rng, c, s), _vectors(rng, c, s)
+        data[label] = (_vectors(rng, c, s), _vectors(rng, c, s))
         made = [keras.Variable(np.zeros(s, np.float32)) for _ in range(c)]
         t0 = time.perf_counter()
-        update = compiled_update(_ginger(tau, args.paper), made, True)
-        _sync(update(gs, ds))
+        fns[label] = compiled_update(_ginger(tau, args.paper), made, True)
+        _sync(fns[label](*data[label]))
         row[f"{label}_first_call_s"] = time.perf_counter() - t0
-        adam = compiled_update(
+        fns[label + "_adam"] = compiled_update(
             keras.optimizers.Adam(1e-3),
             [keras.Variable(np.zeros(s, np.float32)) for _ in range(c)],
             False)
-        t_adam = median_seconds(adam, gs, ds, args.repeats)
-        t_ginger = median_seconds(update, gs, ds, args.repeats)
-        row[f"{label}_ginger_ns_per_param"] = 1e9 * t_ginger / (c * s)
-        row[f"{label}_ginger_over_adam"] = t_ginger / t_adam
-    row["many_over_one"] = (row["many_ginger_ns_per_param"]
-                            / row["one_ginger_ns_per_param"])
+    # All four interleaved, each with its own inputs.
+    times = interleaved_seconds(
+        {name: (lambda fn, x: (lambda gs, ds: fn(*x)))(
+            fn, data[name.split("_")[0]]) for name, fn in fns.items()},
+        None, None, args.repeats)
+    for label in ("one", "many"):
+        row[f"{label}_ginger_ns_per_param"] = (
+            1e9 * statistics.median(times[label]) / (count * size))
+        row[f"{label}_ginger_over_adam"] = _ratio(times, label,
+                                                  label + "_adam")
+    row["many_over_one"] = _ratio(times, "many", "one")
     return row
 
 
@@ -261,8 +281,9 @@ def write_markdown(path, meta, rows, many):
     with open(path, "w") as f:
         f.write(f"Update time of {step}, ns per parameter (median of "
                 f"{meta['repeats']}), backend {BACKEND} ({meta['mode']}), "
-                f"{meta['machine']}, {meta['date']}; ratios are to Keras "
-                "Adam measured in the same run. No GPU measured.\n\n")
+                f"{meta['machine']}, {meta['date']}; ratios are medians of "
+                "per-repeat ratios to Keras Adam timed back to back in the "
+                "same repeat. No GPU measured.\n\n")
         f.write("| n | τ | Ginger | Adam | Ginger/Adam | traffic floor / "
                 "Adam | U@A floor / Adam | read U once | copy U | "
                 "state floats / n |\n")
