@@ -141,8 +141,13 @@ class CategoricalSampler(Sampler):
         logits = ops.stop_gradient(self._logits(y_pred))
         axis = self.axis % len(logits.shape)
         num_classes = logits.shape[axis]
-        cdf = ops.cumsum(ops.softmax(logits, axis=axis), axis=axis)
-        total = ops.take(cdf, [num_classes - 1], axis=axis)
+        p = ops.softmax(logits, axis=axis)
+        cdf = ops.cumsum(p, axis=axis)
+        if num_classes is None:  # known only when the graph runs
+            num_classes = ops.shape(logits)[axis]
+            total = ops.sum(p, axis=axis, keepdims=True)
+        else:
+            total = ops.take(cdf, [num_classes - 1], axis=axis)
         shape = list(ops.shape(logits))
         shape[axis] = 1
         u = _uniform(tuple(shape), logits.dtype, seed)

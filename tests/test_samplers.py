@@ -235,3 +235,20 @@ def test_categorical_never_draws_a_class_of_probability_zero(from_logits):
     freq = np.bincount(y, minlength=40) / N
     assert (freq[p == 0] == 0).all(), freq
     assert (np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / N) + 1e-12).all()
+
+
+def test_categorical_class_count_known_only_at_run_time():
+    """A TF graph whose class axis has no static size (the sampler's other
+    branch): the same frequencies."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a graph with an unknown class axis is TensorFlow's")
+    import tensorflow as tf
+
+    sampler = samplers.CategoricalSampler(from_logits=True)
+    seed = keras.random.SeedGenerator(4)
+    draw = tf.function(lambda x: sampler.sample(x, seed), input_signature=[
+        tf.TensorSpec((None, None), tf.float32)])
+    y = np_(draw(np.repeat(LOGITS[:1], N, axis=0)))
+    p = _softmax(LOGITS[0].astype("float64"))
+    freq = np.bincount(y, minlength=5) / N
+    assert (np.abs(freq - p) < 5 * np.sqrt(p * (1 - p) / N)).all(), freq
