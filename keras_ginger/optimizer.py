@@ -811,9 +811,14 @@ class Ginger(keras.optimizers.Optimizer):
         `curvature.step_norm` (small space: in Adam's metric D^{1/2}·
         direction = (γₜI + M̃)⁻¹D^{-1/2}m, whose norm that gives too)."""
         if self.graft is None:
-            return e.eta if self.metric is None else e.eta * damping
+            return self._ungrafted_rate(e, damping)
         return self._graft_rate(e, curvature.step_norm(
             e.adam.m_sq, w, sigma, damping, complete))
+
+    def _ungrafted_rate(self, e, damping):
+        """η_t = lr/(1-β₁ᵗ) (paper), η_t·γₜ in Adam's metric (so that with
+        M̃ = 0 the step is Adam's)."""
+        return e.eta if self.metric is None else e.eta * damping
 
     @staticmethod
     def _graft_rate(e, norm):
@@ -936,7 +941,7 @@ class Ginger(keras.optimizers.Optimizer):
             m = e.m if scale is None else e.m * scale
             step = curvature.woodbury_step(U, sigma, m, damping, complete)
             if self.graft is None:
-                eta = e.eta if self.metric is None else e.eta * damping
+                eta = self._ungrafted_rate(e, damping)
             else:
                 eta = self._graft_rate(e, ops.sqrt(ops.sum(step * step)))
             theta = self._theta(e.var) - eta * (
