@@ -13,11 +13,13 @@ reads it). Prints seconds and writes results/first_step_cache.json.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
+
+# JAX only; set before `bench_env` imports Keras.
+os.environ["KERAS_BACKEND"] = "jax"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,11 +72,10 @@ def main():
             }
         print(key, {k: round(v, 2) for k, v in rows[key].items()},
               flush=True)
-    result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "gpu": "none measured", "first_step": rows,
-    }
+    sys.path.insert(0, HERE)
+    import bench_env
+
+    result = dict(bench_env.stamp(), model=args.model, first_step=rows)
     out = os.path.join(HERE, "results", "first_step_cache.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=1)

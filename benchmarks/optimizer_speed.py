@@ -19,7 +19,8 @@ parameter over Adam's 7: g, d, m, θ, U read and m, θ, U written, 2τ + 6, and
 v read and written for the default step's Adam metric, 2τ + 8) and the
 measured rotation floor (U @ A's time over Adam's). ``--many CxN`` adds a
 row for C variables of N entries in one update against one variable of C·N
-entries: the ratio of their costs per parameter. Every repeat times all
+entries: the ratio of their costs per parameter. On JAX each row also gives
+XLA's temporaries of the compiled update, in floats per parameter. Every repeat times all
 the functions of a row back to back; times are medians over repeats, ratios
 medians of the per-repeat ratios (this shared machine's speed drifts from
 minute to minute). Prints ns per parameter and writes JSON and Markdown
@@ -27,10 +28,10 @@ under benchmarks/results/.
 """
 
 import argparse
+import functools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +40,8 @@ import keras
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_env  # noqa: E402
 import keras_ginger  # noqa: E402
 
 BACKEND = keras.backend.backend()
@@ -83,6 +86,11 @@ def compiled_update(opt, variables, with_fisher):
                                                gs, ds)
             return state["vars"][0]
 
+        # XLA's temporaries of the compiled update (bytes).
+        probe = [keras.ops.zeros(v.shape) for v in variables]
+        run.temp_bytes = pure.lower(
+            state["vars"], state["opt"], probe,
+            probe).compile().memory_analysis().temp_size_in_bytes
         return run
     if BACKEND == "tensorflow":
         import tensorflow as tf
@@ -161,18 +169,19 @@ def rotation_floor(n, tau, block_rows=16384):
     return run
 
 
-def interleaved_seconds(fns, gs, ds, repeats, warmup=2):
-    """{name: per-repeat seconds}, every function timed once per repeat,
-    back to back: on a shared machine whose speed drifts from minute to
-    minute, ratios of the same repeat are what stays comparable."""
-    for fn in fns.values():
+def interleaved_seconds(calls, repeats, warmup=2):
+    """{name: per-repeat seconds} of zero-argument ``calls``, every one timed
+    once per repeat, back to back: on a shared machine whose speed drifts
+    from minute to minute, ratios of the same repeat are what stays
+    comparable."""
+    for call in calls.values():
         for _ in range(warmup):
-            _sync(fn(gs, ds))
-    times = {name: [] for name in fns}
+            _sync(call())
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            _sync(fn(gs, ds))
+            _sync(call())
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -209,8 +218,9 @@ def time_one(rng, n, tau, args):
     read, copy = stream_baselines(n, tau)
     rotate = rotation_floor(n, tau)
     times = interleaved_seconds(
-        {"adam": adam, "ginger": update, "read": read, "copy": copy,
-         "rotate": rotate}, gs, ds, args.repeats)
+        {name: functools.partial(fn, gs, ds) for name, fn in (
+            ("adam", adam), ("ginger", update), ("read", read),
+            ("copy", copy), ("rotate", rotate))}, args.repeats)
     t = {name: statistics.median(v) for name, v in times.items()}
     state_bytes = sum(4 * int(np.prod(v.shape)) for v in opt.variables)
     return {
@@ -224,6 +234,8 @@ def time_one(rng, n, tau, args):
         "traffic_floor_over_adam": traffic_floor(tau, args.paper),
         "rotation_floor_over_adam": _ratio(times, "rotate", "adam"),
         "state_floats_per_param": state_bytes / (4 * n),
+        "update_temp_floats_per_param": (
+            getattr(update, "temp_bytes", math.nan) / (4 * n)),
     }
 
 
@@ -233,23 +245,21 @@ def time_many(rng, count, size, tau, args):
     against Adam on the same variables)."""
     row = {"backend": BACKEND, "count": count, "size": size, "tau": tau,
            "paper_step": args.paper}
-    fns, data = {}, {}
+    calls = {}
     for label, c, s in (("one", 1, count * size), ("many", count, size)):
-        data[label] = (_vectors(rng, c, s), _vectors(rng, c, s))
+        data = (_vectors(rng, c, s), _vectors(rng, c, s))
         made = [keras.Variable(np.zeros(s, np.float32)) for _ in range(c)]
         t0 = time.perf_counter()
-        fns[label] = compiled_update(_ginger(tau, args.paper), made, True)
-        _sync(fns[label](*data[label]))
+        calls[label] = functools.partial(
+            compiled_update(_ginger(tau, args.paper), made, True), *data)
+        _sync(calls[label]())
         row[f"{label}_first_call_s"] = time.perf_counter() - t0
-        fns[label + "_adam"] = compiled_update(
+        calls[label + "_adam"] = functools.partial(compiled_update(
             keras.optimizers.Adam(1e-3),
             [keras.Variable(np.zeros(s, np.float32)) for _ in range(c)],
-            False)
+            False), *data)
     # All four interleaved, each with its own inputs.
-    times = interleaved_seconds(
-        {name: (lambda fn, x: (lambda gs, ds: fn(*x)))(
-            fn, data[name.split("_")[0]]) for name, fn in fns.items()},
-        None, None, args.repeats)
+    times = interleaved_seconds(calls, args.repeats)
     for label in ("one", "many"):
         row[f"{label}_ginger_ns_per_param"] = (
             1e9 * statistics.median(times[label]) / (count * size))
@@ -259,21 +269,28 @@ def time_many(rng, count, size, tau, args):
     return row
 
 
-HEADER = (f"{'n':>10} {'tau':>4} {'ginger ns/p':>12} {'adam ns/p':>10} "
-          f"{'ginger/adam':>11} {'traffic floor':>13} {'U@A floor':>9} "
-          f"{'read U':>7} {'copy U':>7} {'state/n':>7}")
+# (header, row key, format) of each column, printed and in the Markdown.
+COLUMNS = (
+    ("n", "n", "{:.0e}"), ("τ", "tau", "{}"),
+    ("Ginger ns/p", "ginger_ns_per_param", "{:.2f}"),
+    ("Adam ns/p", "adam_ns_per_param", "{:.2f}"),
+    ("Ginger/Adam", "ginger_over_adam", "{:.2f}"),
+    ("traffic floor/Adam", "traffic_floor_over_adam", "{:.2f}"),
+    ("U@A floor/Adam", "rotation_floor_over_adam", "{:.2f}"),
+    ("read U ns/p", "read_u_ns_per_param", "{:.2f}"),
+    ("copy U ns/p", "copy_u_ns_per_param", "{:.2f}"),
+    ("state floats/n", "state_floats_per_param", "{:.2f}"),
+    ("temporaries/n", "update_temp_floats_per_param", "{:.2f}"),
+)
+
+
+def _cells(row):
+    return [fmt.format(row[key]) for _, key, fmt in COLUMNS]
 
 
 def print_row(row):
-    print(f"{row['n']:>10} {row['tau']:>4} "
-          f"{row['ginger_ns_per_param']:>12.2f} "
-          f"{row['adam_ns_per_param']:>10.2f} "
-          f"{row['ginger_over_adam']:>11.2f} "
-          f"{row['traffic_floor_over_adam']:>13.2f} "
-          f"{row['rotation_floor_over_adam']:>9.2f} "
-          f"{row['read_u_ns_per_param']:>7.2f} "
-          f"{row['copy_u_ns_per_param']:>7.2f} "
-          f"{row['state_floats_per_param']:>7.2f}", flush=True)
+    print(" ".join(c.rjust(len(h)) for c, (h, _, _) in
+                   zip(_cells(row), COLUMNS)), flush=True)
 
 
 def write_markdown(path, meta, rows, many):
@@ -283,21 +300,12 @@ def write_markdown(path, meta, rows, many):
                 f"{meta['repeats']}), backend {BACKEND} ({meta['mode']}), "
                 f"{meta['machine']}, {meta['date']}; ratios are medians of "
                 "per-repeat ratios to Keras Adam timed back to back in the "
-                "same repeat. No GPU measured.\n\n")
-        f.write("| n | τ | Ginger | Adam | Ginger/Adam | traffic floor / "
-                "Adam | U@A floor / Adam | read U once | copy U | "
-                "state floats / n |\n")
-        f.write("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+                f"same repeat; {meta['devices']}. Temporaries: XLA's, of "
+                "the compiled update (JAX).\n\n")
+        f.write("| " + " | ".join(h for h, _, _ in COLUMNS) + " |\n")
+        f.write("|" + "---:|" * len(COLUMNS) + "\n")
         for r in rows:
-            f.write(f"| {r['n']:.0e} | {r['tau']} | "
-                    f"{r['ginger_ns_per_param']:.2f} | "
-                    f"{r['adam_ns_per_param']:.2f} | "
-                    f"**{r['ginger_over_adam']:.2f}** | "
-                    f"{r['traffic_floor_over_adam']:.2f} | "
-                    f"{r['rotation_floor_over_adam']:.2f} | "
-                    f"{r['read_u_ns_per_param']:.2f} | "
-                    f"{r['copy_u_ns_per_param']:.2f} | "
-                    f"{r['state_floats_per_param']:.2f} |\n")
+            f.write("| " + " | ".join(_cells(r)) + " |\n")
         if many:
             f.write("\nMany variables against one of the same total size "
                     "(ns per parameter; first call = trace + compile + one "
@@ -339,8 +347,8 @@ def main():
             "tensorflow": "tf.function(jit_compile=True)",
             "torch": "eager"}[BACKEND]
     print(f"backend={BACKEND} ({mode})  keras={keras.__version__}  "
-          f"machine={platform.machine()} {os.cpu_count()} cores")
-    print(HEADER)
+          f"machine={bench_env.machine()}")
+    print(" ".join(h for h, _, _ in COLUMNS))
     rows = []
     for n in [int(s) for s in args.sizes]:
         for tau in args.taus:
@@ -359,14 +367,9 @@ def main():
 
     os.makedirs(RESULTS, exist_ok=True)
     out = args.out or os.path.join(RESULTS, f"optimizer_speed_{BACKEND}.json")
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.processor() or platform.machine()}, "
-                   f"{os.cpu_count()} cores",
-        "keras": keras.__version__, "repeats": args.repeats,
-        "statistic": "median", "mode": mode, "paper_step": args.paper,
-        "gpu": "none measured",
-    }
+    meta = dict(bench_env.stamp(), keras=keras.__version__,
+                repeats=args.repeats, statistic="median", mode=mode,
+                paper_step=args.paper)
     with open(out, "w") as f:
         json.dump({"meta": meta, "rows": rows, "many": many}, f, indent=1)
     write_markdown(out[:-5] + ".md", meta, rows, many)

@@ -16,18 +16,19 @@ results/torch_compile_probe.json.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import bench_env  # noqa: E402
 from keras_ginger import curvature  # noqa: E402
 
 
@@ -84,9 +85,9 @@ def main():
         second_shape = time.perf_counter() - t0
     row = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "n": n, "tau": args.tau,
-        "repeats": args.repeats, "gpu": "none measured",
+        "machine": bench_env.machine(), "torch": torch.__version__,
+        "n": n, "tau": args.tau, "repeats": args.repeats,
+        "device": "cpu (the probe's tensors are built there)",
         "eager_ns_per_param": eager, "compiled_ns_per_param": fast,
         "speedup": eager / fast, "first_compile_s": first,
         "compile_at_a_second_shape_s": second_shape,

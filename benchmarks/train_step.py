@@ -61,7 +61,6 @@ and backend versions, execution mode, batch sizes and the devices: a line
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -75,6 +74,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+import bench_env  # noqa: E402
 import convergence_tasks  # noqa: E402
 import keras_ginger  # noqa: E402
 
@@ -270,17 +270,6 @@ def execution_mode(model):
     }[BACKEND]
 
 
-def accelerators():
-    """Non-CPU devices the backend sees, e.g. ["gpu:0"]."""
-    try:
-        devices = keras.distribution.list_devices()
-    except (NotImplementedError, AttributeError, ImportError):
-        import torch  # the torch backend has no distribution API
-
-        devices = [f"gpu:{i}" for i in range(torch.cuda.device_count())]
-    return [d for d in devices if not d.lower().startswith("cpu")]
-
-
 def backend_version():
     module = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
     return __import__(module[BACKEND]).__version__
@@ -329,16 +318,15 @@ def bench_model(name, args, rng):
 
 # ---------------------------------------------------------------- output
 def metadata(args, rows):
-    devices = accelerators()
+    devices = bench_env.accelerators()
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": bench_env.machine(),
         "keras": keras.__version__,
         "backend": f"{BACKEND} {backend_version()}",
         "mode": sorted({r["mode"] for r in rows}),
         "accelerators": devices,
-        "devices": ("no GPU measured (CPU only)" if not devices
-                    else "on " + ", ".join(devices)),
+        "devices": bench_env.devices_note(),
         "repeats": args.repeats,
         "statistic": f"first call; median of {args.repeats}",
         "batch_sizes": {r["model"]: r["batch_size"] for r in rows},
@@ -436,7 +424,7 @@ def main():
     args = parse_args()
     warnings.simplefilter("ignore")
     print(f"backend={BACKEND} keras={keras.__version__} "
-          f"accelerators={accelerators() or 'none'}", flush=True)
+          f"accelerators={bench_env.accelerators() or 'none'}", flush=True)
     warm_up_process(args.jit_compile)
     rng = np.random.default_rng(0)
     rows = [bench_model(name, args, rng) for name in args.models]
