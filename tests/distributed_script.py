@@ -32,6 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_ginger  # noqa: E402
+from tests.multiprocess import shifted_mean  # noqa: E402
 
 if MODE.startswith("tensorflow"):
     import tensorflow as tf
@@ -39,11 +40,6 @@ if MODE.startswith("tensorflow"):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * DEVICES)
-
-
-def shifted_mean(y_pred, seed):
-    """A deterministic 'sampler' (ŷ = f + 0.5): equal d on any device count."""
-    return y_pred + 0.5
 
 
 def build(sampler):

@@ -27,6 +27,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_ginger  # noqa: E402
+from tests.multiprocess import local_rows  # noqa: E402
 from tests.multiprocess import state  # noqa: E402,F401
 
 GLOBAL_BATCH, STEPS, SEED = 16, 8, 3
@@ -37,14 +38,6 @@ def data():
     X = rng.standard_normal((GLOBAL_BATCH * (STEPS + 1), 5)).astype("float32")
     Y = rng.standard_normal((GLOBAL_BATCH * (STEPS + 1), 3)).astype("float32")
     return X, Y
-
-
-def local_half(a, rank, world):
-    """Rows of ``a`` this process feeds: its 1/world of every global batch."""
-    shard = GLOBAL_BATCH // world
-    a = a.reshape(-1, GLOBAL_BATCH, *a.shape[1:])[:, rank * shard:
-                                                  (rank + 1) * shard]
-    return a.reshape(-1, *a.shape[2:])
 
 
 def build():
@@ -58,7 +51,7 @@ def build():
 
 
 def fit(model, X, Y, rank, world, steps):
-    x, y = local_half(X, rank, world), local_half(Y, rank, world)
+    x, y = (local_rows(a, rank, world, GLOBAL_BATCH) for a in (X, Y))
     model.fit(x[:steps * GLOBAL_BATCH // world],
               y[:steps * GLOBAL_BATCH // world],
               batch_size=GLOBAL_BATCH // world, epochs=1, shuffle=False,

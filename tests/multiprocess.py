@@ -1,6 +1,7 @@
-"""What the multi-process tests share: free localhost ports, launching one
-Python process per rank, and comparing states whose bases U are defined up
-to the signs of their columns."""
+"""What the multi-process (and multi-device) tests share: free localhost
+ports, launching one Python process per rank, each rank's rows of a global
+batch, a deterministic sampler, and comparing states whose bases U are
+defined up to the signs of their columns."""
 
 import os
 import socket
@@ -57,6 +58,21 @@ def wait(procs, timeout=300):
                 p.kill()
                 p.wait()
             p.log.close()
+
+
+def local_rows(a, index, parts, global_batch):
+    """Rows of ``a`` that process (or input pipeline) ``index`` of ``parts``
+    feeds: its 1/parts of every global batch, in order."""
+    shard = global_batch // parts
+    a = a.reshape(-1, global_batch, *a.shape[1:])
+    return a[:, index * shard:(index + 1) * shard].reshape(-1, *a.shape[2:])
+
+
+def shifted_mean(y_pred, seed):
+    """A deterministic 'sampler' (ŷ = f + 0.5): d is the same however the
+    batch is split, so runs on one and on several devices compare
+    exactly."""
+    return y_pred + 0.5
 
 
 def signed_columns(U):

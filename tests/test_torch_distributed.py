@@ -14,7 +14,6 @@ pytestmark = pytest.mark.skipif(keras.backend.backend() != "torch",
                                 reason="torch.distributed is torch's")
 
 
-
 def _two_ranks(mode, tmp_path):
     port, = multiprocess.free_ports()
     outs = [str(tmp_path / f"{mode}_{r}.npz") for r in range(2)]

@@ -32,14 +32,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_ginger  # noqa: E402
+from tests.multiprocess import local_rows  # noqa: E402
+from tests.multiprocess import shifted_mean  # noqa: E402
 from tests.multiprocess import state  # noqa: E402,F401
 
 GLOBAL_BATCH, STEPS, SEED = 16, 6, 3
-
-
-def shifted_mean(y_pred, seed):
-    """A deterministic 'sampler' (ŷ = f + 0.5): equal d on any split."""
-    return y_pred + 0.5
 
 
 def data():
@@ -47,14 +44,6 @@ def data():
     X = rng.standard_normal((GLOBAL_BATCH * STEPS, 5)).astype("float32")
     Y = rng.standard_normal((GLOBAL_BATCH * STEPS, 3)).astype("float32")
     return X, Y
-
-
-def local_rows(a, index, parts):
-    """Rows of ``a`` that input pipeline ``index`` of ``parts`` feeds: its
-    1/parts of every global batch, in order."""
-    shard = GLOBAL_BATCH // parts
-    a = a.reshape(-1, GLOBAL_BATCH, *a.shape[1:])
-    return a[:, index * shard:(index + 1) * shard].reshape(-1, *a.shape[2:])
 
 
 def build(strategy=None):
@@ -92,7 +81,8 @@ def distributed_dataset(strategy):
         parts = GLOBAL_BATCH // per_replica
         index = context.input_pipeline_id  # = the worker (1 replica each)
         return tf.data.Dataset.from_tensor_slices(
-            (local_rows(X, index, parts), local_rows(Y, index, parts))
+            (local_rows(X, index, parts, GLOBAL_BATCH),
+             local_rows(Y, index, parts, GLOBAL_BATCH))
         ).batch(per_replica)
 
     return strategy.distribute_datasets_from_function(dataset_fn)

@@ -22,12 +22,9 @@ import torch  # noqa: E402
 import keras_ginger  # noqa: E402
 from keras_ginger.fisher_loss import REPLICA_SEED_STRIDE  # noqa: E402
 from keras_ginger.torch_distributed import all_reduce_fisher_grads  # noqa: E402
+from tests.multiprocess import shifted_mean  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 16, 6
-
-
-def shifted_mean(y_pred, seed):
-    return y_pred + 0.5
 
 
 def run(rank, world, mode):
