@@ -15,17 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_ginger import _keras_compat
-from keras_ginger import curvature
-
-# Rows of U per block when the update walks U in place (see
-# `Ginger._block_rows`); block sizes from 4096 to 262144 measured alike.
-BLOCK_ROWS = 16384
-# ... and the smallest basis (bytes of U) walked that way. JAX/CPU, τ = 8,
-# ns/param: n = 5e5 (15 MiB) whole arrays 8.7, blocks 13.6; n = 1e6
-# (31 MiB) whole arrays 10 or 20 from one process to the next, blocks 13-14;
-# n = 2e6: whole arrays 22, blocks 14.
-BLOCK_MIN_BYTES = 24 * 2**20
-
+from keras_ginger import blocks
 
 def _check_hyperparameters(tau, beta_1, beta_2, damping):
     if isinstance(tau, bool) or not isinstance(tau, numbers.Integral) or tau < 1:
@@ -53,6 +43,32 @@ def _check_hyperparameters(tau, beta_1, beta_2, damping):
             f"Received: damping={damping!r}"
         )
 
+
+CURVATURES = ("auto", "vector")
+
+
+def _check_kronecker_arguments(curvature, rank, full_size, exponent,
+                               damping):
+    if curvature not in CURVATURES:
+        raise ValueError(
+            f"Argument `curvature` must be one of {CURVATURES}. Received: "
+            f"curvature={curvature!r}")
+    _check_positive_int("kronecker_rank", rank)
+    _check_positive_int("kronecker_full_size", full_size)
+    if (isinstance(exponent, bool) or not isinstance(exponent, numbers.Real)
+            or not 0.0 < exponent <= 1.0):
+        raise ValueError(
+            "Argument `kronecker_exponent` must be a float in (0, 1]. "
+            f"Received: kronecker_exponent={exponent!r}")
+    if (isinstance(damping, bool) or not isinstance(damping, numbers.Real)
+            or not math.isfinite(damping) or damping <= 0):
+        raise ValueError(
+            "Argument `kronecker_damping` must be a finite float > 0. "
+            f"Received: kronecker_damping={damping!r}")
+
+
+_BLOCKS = {"identity": blocks.IdentityBlock, "vector": blocks.VectorBlock,
+           "kronecker": blocks.KroneckerBlock}
 
 GRAFTS = (None, "adam")
 METRICS = (None, "adam")
@@ -187,15 +203,6 @@ def _sharded_state_layouts(shape, layout):
     basis = (keras.distribution.TensorLayout((axis, None), mesh)
              if n % size == 0 else None)
     return state, basis
-
-
-def _cond(pred, true_fn, false_fn):
-    """`ops.cond`, or a Python branch where ``pred`` is a concrete value on
-    JAX (eager JAX would trace and compile both branches at every call)."""
-    if (keras.backend.backend() == "jax"
-            and not _keras_compat.is_in_jax_tracing_scope(pred)):
-        return true_fn() if bool(pred) else false_fn()
-    return ops.cond(pred, true_fn, false_fn)
 
 
 _Entry = collections.namedtuple(
@@ -385,6 +392,11 @@ class Ginger(keras.optimizers.Optimizer):
         graft_epsilon=1e-7,
         metric="adam",
         shard_state=False,
+        curvature="auto",
+        kronecker_rank=32,
+        kronecker_full_size=256,
+        kronecker_exponent=0.25,
+        kronecker_damping=1e-3,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -404,6 +416,9 @@ class Ginger(keras.optimizers.Optimizer):
         _check_scale_arguments(graft, relative_damping, graft_beta_2,
                                graft_epsilon, metric)
         exclude_from_curvature = _check_patterns(exclude_from_curvature)
+        _check_kronecker_arguments(curvature, kronecker_rank,
+                                   kronecker_full_size, kronecker_exponent,
+                                   kronecker_damping)
         if not isinstance(shard_state, bool):
             raise ValueError(
                 "Argument `shard_state` must be True or False. Received: "
@@ -435,6 +450,11 @@ class Ginger(keras.optimizers.Optimizer):
         self.graft_epsilon = float(graft_epsilon)
         self.metric = metric
         self.shard_state = shard_state
+        self.curvature = curvature
+        self.kronecker_rank = int(kronecker_rank)
+        self.kronecker_full_size = int(kronecker_full_size)
+        self.kronecker_exponent = float(kronecker_exponent)
+        self.kronecker_damping = float(kronecker_damping)
         # d handed to the next apply() (`using_fisher_grads`), and
         # {variable index: d} during one apply(): per thread and per
         # tf.distribute replica, which run apply() in parallel threads.
@@ -444,26 +464,28 @@ class Ginger(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ state
     def build(self, var_list):
-        """Create, per variable: momentum m, basis U (n, k), eigenvalues σ.
+        """Create, per variable: momentum m, its curvature block's state
+        (`block_kind`), Adam's v (`graft="adam"` or `metric="adam"`) and,
+        with `gradient_accumulation_steps`, an accumulator for d.
 
-        U starts as the first k columns of the identity and σ at 0 (M₀ = 0).
-        Variables with the identity preconditioner get only m. With
-        `gradient_accumulation_steps`, also an accumulator for d.
+        A vector block keeps U (n, k) and σ (k,); a Kronecker block U, σ
+        (and a tail level ρ for a low-rank side) for each of its two sides.
+        Bases start as the first columns of the identity, eigenvalues at 0
+        (no curvature). Variables with the identity preconditioner get only
+        m (and v).
         """
         if self.built:
             return
         super().build(var_list)
-        self._momentums, self._bases, self._sigmas = [], [], []
+        self._momentums, self._blocks = [], []
         self._fisher_accumulators, self._second_moments = [], []
-        for var in var_list:
+        for idx, var in enumerate(var_list):
             if _keras_compat.overwrites_with_gradient(self, var):
-                for slots in (self._momentums, self._bases, self._sigmas,
+                for slots in (self._momentums, self._blocks,
                               self._fisher_accumulators,
                               self._second_moments):
                     slots.append(None)
                 continue
-            n = int(np.prod(var.shape))
-            k = min(self.tau, n)
             prefix = var.path.replace("/", "_")
             layout = _keras_compat.variable_layout(var)
             basis_layout = _basis_layout(layout)
@@ -473,14 +495,10 @@ class Ginger(keras.optimizers.Optimizer):
             self._momentums.append(self.add_variable(
                 var.shape, dtype="float32", name=f"{prefix}_momentum",
                 layout=layout))
-            curved = self.uses_curvature(var)
-            self._bases.append(self.add_variable(
-                (n, k), initializer="identity", dtype="float32",
-                name=f"{prefix}_curvature_basis",
-                layout=basis_layout) if curved else None)
-            self._sigmas.append(self.add_variable(
-                (k,), dtype="float32", name=f"{prefix}_curvature_eigenvalues")
-                if curved else None)
+            block = _BLOCKS[self.block_kind(var)](self, var, idx)
+            block.build(prefix, basis_layout)
+            self._blocks.append(block)
+            curved = block.kind != "identity"
             self._fisher_accumulators.append(
                 self.add_variable(var.shape, dtype="float32",
                                   name=f"{prefix}_fisher_accumulator")
@@ -495,6 +513,22 @@ class Ginger(keras.optimizers.Optimizer):
         # (1 + step, variable index) of the last non-finite g or d; 0 = none.
         self._nonfinite = self.add_variable((2,), dtype="int32",
                                             name="nonfinite_event")
+
+    def block_kind(self, variable):
+        """The curvature block `variable` gets: "identity", "vector" or
+        "kronecker".
+
+        "identity" when its path matches `exclude_from_curvature` or its
+        size exceeds `max_curvature_size`; otherwise as `curvature` says:
+        "vector" for every variable, or with "auto" (the default)
+        "kronecker" for every variable of two or more axes (kernels,
+        embeddings) and "vector" for the rest (biases, scales).
+        """
+        if not self.uses_curvature(variable):
+            return "identity"
+        if self.curvature == "vector" or len(variable.shape) < 2:
+            return "vector"
+        return "kronecker"
 
     def uses_curvature(self, variable):
         """Whether `variable` is preconditioned by its own curvature.
@@ -536,23 +570,43 @@ class Ginger(keras.optimizers.Optimizer):
                 "that update was guarded: no non-finite value entered the "
                 "variable, its momentum or its curvature.")
 
-    def get_curvature(self, variable):
-        """(U, σ) of `variable`: shapes (n, k) and (k,), σ descending.
+    def get_curvature(self, variable, side=None):
+        """(U, σ) of `variable`'s curvature: U (s, k) orthonormal, σ (k,)
+        descending.
 
-        The curvature estimate is U diag(σ) Uᵀ over the flattened variable:
-        of d itself with ``metric=None``, of D^{-1/2}d (in Adam's metric,
-        unitless) with ``metric="adam"``, the default.
+        A vector block: the estimate U diag(σ) Uᵀ over the flattened
+        variable (n entries), of d itself with ``metric=None``, of
+        D^{-1/2}d (Adam's metric, unitless) with ``metric="adam"``, the
+        default. A Kronecker block: ``side="left"`` for L (s = m, the
+        variable's leading axes) or ``side="right"`` for R (s = n, its last
+        axis); see `curvature_factors` for all of a variable's factors.
         """
+        factors = dict((label, (U, sigma)) for label, U, sigma
+                       in self.curvature_factors(variable))
+        if side is None and "" in factors:
+            return factors[""]
+        if side in factors and side:
+            return factors[side]
+        raise ValueError(
+            f"Argument `side` must be one of {sorted(k for k in factors)} "
+            f"for variable {variable.path} (a "
+            f"{self.block_kind(variable)} block). Received: side={side!r}")
+
+    def curvature_factors(self, variable):
+        """[(label, U, σ)]: the eigendecompositions `variable`'s block
+        keeps: [("", U, σ)] for a vector block, [("left", U_L, σ_L),
+        ("right", U_R, σ_R)] for a Kronecker block. Raises ValueError for a
+        variable without curvature."""
         self._check_built("get_curvature")
         idx = _keras_compat.variable_index(self, variable)
-        if self._bases[idx] is None:
+        block = self._blocks[idx]
+        if block is None or block.kind == "identity":
             raise ValueError(
                 f"Variable {variable.path} has no curvature state: it uses "
                 "the identity preconditioner (`exclude_from_curvature`, "
                 "`max_curvature_size`) or is overwritten with its gradient."
             )
-        return (ops.convert_to_tensor(self._bases[idx]),
-                ops.convert_to_tensor(self._sigmas[idx]))
+        return block.factors()
 
     def _check_built(self, what):
         if not self.built:
@@ -667,7 +721,7 @@ class Ginger(keras.optimizers.Optimizer):
         if self.loss_scale_factor is not None:
             d = d / self.loss_scale_factor
         acc = self._fisher_accumulators[idx]
-        if acc is None or self._bases[idx] is None:
+        if acc is None:
             return d
         steps = self.gradient_accumulation_steps
         is_update = ops.equal((_keras_compat.micro_step(self) + 1) % steps, 0)
@@ -738,17 +792,20 @@ class Ginger(keras.optimizers.Optimizer):
             if "adam" in (self.graft, self.metric):
                 adam = self._adam_step(idx, g_ok, g0, m, t, bias)
             entries.append(_Entry(var, idx, d_ok, d, m, eta, g_ok, lr, adam))
-        curved = [e for e in entries if self._bases[e.idx] is not None]
+        curved = [e for e in entries
+                  if self._blocks[e.idx].kind != "identity"]
+        states = [self._blocks[e.idx].state() for e in curved]
         if self.curvature_interval == 1:
-            results = self._refresh_curvature(curved)
+            results = self._refresh_curvature(curved, states)
         else:
-            results = ops.cond(self.fisher_due(),
-                               lambda: self._refresh_curvature(curved),
-                               lambda: self._reuse_curvature(curved))
+            results = ops.cond(
+                self.fisher_due(),
+                lambda: self._refresh_curvature(curved, states),
+                lambda: self._reuse_curvature(curved, states))
         thetas = {}
-        for e, (U_new, sigma_new, theta) in zip(curved, results):
-            self.assign(self._bases[e.idx], U_new)
-            self.assign(self._sigmas[e.idx], sigma_new)
+        for e, (state, theta) in zip(curved, results):
+            for slot, value in zip(self._blocks[e.idx].slots, state):
+                self.assign(slot, value)
             thetas[e.idx] = theta
         for e in entries:
             var = e.var
@@ -761,9 +818,27 @@ class Ginger(keras.optimizers.Optimizer):
                     ops.reshape(thetas[e.idx], var.shape), var.dtype))
             else:
                 self.assign_sub(var, ops.cast(
-                    ops.reshape(self._identity_step(e), var.shape),
+                    ops.reshape(self._blocks[e.idx].delta(e), var.shape),
                     var.dtype))
         self.assign(self._nonfinite, event)
+
+    def _refresh_curvature(self, entries, states):
+        """[(state', θ')]: every block refreshed from d, its small
+        matrices decomposed together (`blocks.batched_eigh`)."""
+        begun = [self._blocks[e.idx].begin_refresh(e, state)
+                 for e, state in zip(entries, states)]
+        eigs = blocks.batched_eigh([m for tagged, _ in begun for m in tagged])
+        out, i = [], 0
+        for e, state, (tagged, context) in zip(entries, states, begun):
+            mine, i = eigs[i:i + len(tagged)], i + len(tagged)
+            out.append(self._blocks[e.idx].end_refresh(e, state, context,
+                                                       mine))
+        return out
+
+    def _reuse_curvature(self, entries, states):
+        """[(state, θ')]: the step with the curvature as it is."""
+        return [(state, self._blocks[e.idx].reuse(e, state))
+                for e, state in zip(entries, states)]
 
     # ------------------------------------------------ damping and scale rules
     def _adam_step(self, idx, g_ok, g0, m, t, bias):
@@ -791,35 +866,6 @@ class Ginger(keras.optimizers.Optimizer):
             norm = ops.sqrt(m_sq) / bias
         return _Adam(v, step, norm, inv_sqrt_d, m_sq)
 
-    def _damping_for(self, sigma):
-        """The damping rule: γ, or with `relative_damping` γ·σ₁ (σ₁ the
-        variable's largest curvature eigenvalue; γ itself while σ₁ = 0,
-        when the direction is m̂ whatever the damping)."""
-        if not self.relative_damping:
-            return self.damping
-        top = sigma[0]
-        return self.damping * ops.where(top > 0.0, top, 1.0)
-
-    def _rate(self, e, w, sigma, damping, complete):
-        """The scale rule: the η that multiplies the Woodbury direction of
-        the raw momentum m (in the metric: D^{-1/2}(γₜI + M̃)⁻¹D^{-1/2}m).
-
-        Paper: η_t = lr/(1-β₁ᵗ); in Adam's metric without grafting η_t·γₜ,
-        so that with M̃ = 0 the step is Adam's. Grafting: the step gets the
-        norm of Adam's step for this variable, measured in the metric,
-        lr·‖Adam's step‖/‖direction‖, with ‖direction‖ from
-        `curvature.step_norm` (small space: in Adam's metric D^{1/2}·
-        direction = (γₜI + M̃)⁻¹D^{-1/2}m, whose norm that gives too)."""
-        if self.graft is None:
-            return self._ungrafted_rate(e, damping)
-        return self._graft_rate(e, curvature.step_norm(
-            e.adam.m_sq, w, sigma, damping, complete))
-
-    def _ungrafted_rate(self, e, damping):
-        """η_t = lr/(1-β₁ᵗ) (paper), η_t·γₜ in Adam's metric (so that with
-        M̃ = 0 the step is Adam's)."""
-        return e.eta if self.metric is None else e.eta * damping
-
     @staticmethod
     def _graft_rate(e, norm):
         """lr·‖Adam's step‖/``norm`` (0 for a bad g): the grafting rate for
@@ -832,136 +878,6 @@ class Ginger(keras.optimizers.Optimizer):
         `metric='adam'`, D^{-1/2} (the curvature sees D^{-1/2}d and
         D^{-1/2}m, and the step is D^{-1/2} times the Woodbury step)."""
         return None if self.metric is None else e.adam.inv_sqrt_d
-
-    def _identity_step(self, e):
-        """The step of a variable without curvature: η_t·m/γ (paper) or
-        lr·m̂/(√v̂+ε), Adam's step, when Adam's v is kept (`graft="adam"`
-        or `metric="adam"`)."""
-        if e.adam is not None:
-            return ops.where(e.g_ok, e.lr, 0.0) * e.adam.step
-        return (e.eta / self.damping) * e.m
-
-    @staticmethod
-    def _theta(var):
-        """The variable's value, flat and in float32 (the state's dtype)."""
-        return ops.reshape(ops.cast(ops.convert_to_tensor(var), "float32"),
-                           (-1,))
-
-    def _state(self, idx):
-        U = ops.convert_to_tensor(self._bases[idx])
-        return U, ops.convert_to_tensor(self._sigmas[idx]), (
-            U.shape[0] == U.shape[1])
-
-    @staticmethod
-    def _block_rows(U):
-        """Block size for an in-place walk over U, or None for whole arrays.
-
-        On JAX/CPU a large temporary costs more than the arithmetic (writing
-        a fresh 4e6 x 8 float32 buffer: 9-15 ns per row of U, against 1.5 for
-        a 1e6 x 8 one, whose pages get reused): there, for a U of at least
-        `BLOCK_MIN_BYTES`, the update walks U in blocks and
-        XLA writes U' over the donated U. TensorFlow, torch and GPU runtimes
-        cache their buffers, and whole-array products are faster there; so
-        are sharded arrays (a `keras.distribution` is set), which a blocked
-        walk would gather, and eager JAX, which would compile the loop anew
-        at every call.
-        """
-        if (keras.backend.backend() != "jax"
-                or 4 * math.prod(U.shape) < BLOCK_MIN_BYTES
-                or keras.distribution.distribution() is not None
-                or not _keras_compat.is_in_jax_tracing_scope(U)):
-            return None
-        devices = keras.distribution.list_devices()
-        if devices and not str(devices[0]).lower().startswith("cpu"):
-            return None
-        return BLOCK_ROWS
-
-    def _refresh_curvature(self, entries):
-        """[(U', σ', θ')]: the rank-one update with d, then the step."""
-        work = []
-        for e in entries:
-            U, sigma, complete = self._state(e.idx)
-            block_rows = self._block_rows(U)
-            proj = curvature.project(U, e.d, e.m, complete=complete,
-                                     block_rows=block_rows, valid=e.d_ok,
-                                     scale=self._metric_scale(e))
-            # A non-finite d leaves M unchanged: α = 1 and d = 0.
-            beta_2 = ops.where(e.d_ok, self.beta_2, 1.0)
-            C, scale = curvature.small_matrix(sigma, proj, beta_2)
-            work.append((e, U, proj, C, scale, complete, block_rows))
-        eig = self._batched_top_eigh([w[3] for w in work])
-        out = []
-        for (e, U, proj, C, scale, complete, block_rows), (lam, V) in zip(
-                work, eig):
-            sigma = lam * scale
-            damping = self._damping_for(sigma)
-            A, b, w, a1 = curvature.rotation(proj, sigma, V, damping,
-                                             complete)
-            U_new, theta = self._rotate_and_step(
-                e, (U, proj.p, A, b, e.m, w, a1, damping, complete,
-                    block_rows), w, sigma, damping, complete)
-            out.append((U_new, sigma, theta))
-        return out
-
-    def _rotate_and_step(self, e, args, w, sigma, damping, complete):
-        """(U', θ') from the pass over U (`curvature.rotate`, args as it
-        takes them), θ' written in that pass at the rate known in small
-        space. Where grafting's small-space norm is not accurate
-        (`curvature.step_norm_is_accurate`), θ' is then corrected to the
-        rate from the exact norm of the step, formed again from U' (a rare
-        branch: it only reads U', so U' is still written in place)."""
-        theta, scale = self._theta(e.var), self._metric_scale(e)
-        if self.graft is None or complete:
-            return curvature.rotate(
-                *args, theta=theta, scale=scale,
-                eta=self._rate(e, w, sigma, damping, complete))
-        norm = curvature.step_norm(e.adam.m_sq, w, sigma, damping)
-        rate = self._graft_rate(e, norm)
-        U_new, theta = curvature.rotate(*args, theta=theta, scale=scale,
-                                        eta=rate)
-        m = e.m if scale is None else e.m * scale
-
-        def exact():
-            step = curvature.woodbury_step(U_new, sigma, m, damping, w=w)
-            fix = self._graft_rate(e, ops.sqrt(ops.sum(step * step))) - rate
-            return theta - fix * (step if scale is None else scale * step)
-
-        return U_new, _cond(
-            curvature.step_norm_is_accurate(e.adam.m_sq, norm, damping),
-            lambda: theta, exact)
-
-    def _reuse_curvature(self, entries):
-        """[(U, σ, θ')]: the step with the curvature as it is (the step is
-        formed, so grafting takes its exact norm)."""
-        out = []
-        for e in entries:
-            U, sigma, complete = self._state(e.idx)
-            damping = self._damping_for(sigma)
-            scale = self._metric_scale(e)
-            m = e.m if scale is None else e.m * scale
-            step = curvature.woodbury_step(U, sigma, m, damping, complete)
-            if self.graft is None:
-                eta = self._ungrafted_rate(e, damping)
-            else:
-                eta = self._graft_rate(e, ops.sqrt(ops.sum(step * step)))
-            theta = self._theta(e.var) - eta * (
-                step if scale is None else scale * step)
-            out.append((U, sigma, theta))
-        return out
-
-    @staticmethod
-    def _batched_top_eigh(matrices):
-        """top_eigh for each matrix, one eigensolve per distinct size."""
-        groups = collections.defaultdict(list)
-        for i, C in enumerate(matrices):
-            groups[C.shape[0]].append(i)
-        out = [None] * len(matrices)
-        for k1, members in groups.items():
-            stacked = ops.stack([matrices[i] for i in members], axis=0)
-            lam, V = curvature.top_eigh(stacked, k1 - 1)
-            for j, i in enumerate(members):
-                out[i] = (lam[j], V[j])
-        return out
 
     def get_config(self):
         config = super().get_config()
@@ -979,6 +895,11 @@ class Ginger(keras.optimizers.Optimizer):
             "graft_epsilon": self.graft_epsilon,
             "metric": self.metric,
             "shard_state": self.shard_state,
+            "curvature": self.curvature,
+            "kronecker_rank": self.kronecker_rank,
+            "kronecker_full_size": self.kronecker_full_size,
+            "kronecker_exponent": self.kronecker_exponent,
+            "kronecker_damping": self.kronecker_damping,
         })
         return config
 
@@ -987,12 +908,14 @@ class Ginger(keras.optimizers.Optimizer):
         """As Keras's; a config written before a scale argument existed
         loads with the step it was written with, not today's default: no
         `graft` (keras-ginger 0.1.0) is the paper's step, no `metric` the
-        Euclidean one. Its saved state then matches the variables built."""
+        Euclidean one, no `curvature` (before 0.3.0) the vector block for
+        every variable. Its saved state then matches the variables built."""
         config = dict(config)
         if "graft" not in config:
             config.setdefault("relative_damping", False)
             config["graft"] = None
         config.setdefault("metric", None)
+        config.setdefault("curvature", "vector")
         return super().from_config(config, custom_objects=custom_objects)
 
 
