@@ -236,7 +236,7 @@ class CompiledRun:
     """One compiled (task, optimizer); `run(lr, seed)` resets and trains."""
 
     def __init__(self, task, opt_name, overrides=None, init_cache=None,
-                 run_eagerly=False):
+                 run_eagerly=False, fisher=None):
         import keras
         from keras_ginger import with_fisher
 
@@ -244,7 +244,9 @@ class CompiledRun:
         self.opt_name = opt_name
         self.init_cache = {} if init_cache is None else init_cache
         model = task.build(0)
-        if uses_fisher(opt_name):
+        # fisher: wrap with `with_fisher` (sampled-label d); None: for
+        # Ginger. False gives Ginger d = g (the empirical Fisher).
+        if uses_fisher(opt_name) if fisher is None else fisher:
             model = with_fisher(model)
         self.optimizer = make_optimizer(opt_name, 1e-3, overrides)
         task.compile(model, self.optimizer)

@@ -305,7 +305,7 @@ class KroneckerBlock(CurvatureBlock):
     # How the tail level is kept (`kronecker.lowrank_finish`), and the
     # longest other side whose D is taken whole (else sketched): measured
     # in benchmarks/kronecker_tracking.py.
-    tail = "fd"
+    tail = "accumulate"
     sketch_size = 1024
 
     def __init__(self, optimizer, variable, index):

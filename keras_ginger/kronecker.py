@@ -33,14 +33,24 @@ with w new columns Y (Y = D for L, Dᵀ for R: exact; or a sketch D Ω):
     U' = Q V[:, :k],  σ' = λ[:k]
 
 so that U' diag(σ') U'ᵀ is the best rank-k approximation of
-α U diag(σ) Uᵀ + (1-α) Y Yᵀ, computed without any s×s matrix. The tail
-level follows frequent directions with decay (Ghashami et al. 2016;
-Sketchy): the first dropped eigenvalue δ = λ[k] is subtracted from the kept
-ones and accumulated, ρ' = α ρ + δ, so that the kept part never exceeds the
-EMA and U diag(σ') Uᵀ + ρ' I bounds it from above (``tail="fd"``); or
-``tail="next"``: σ' = λ[:k] unshrunk and ρ' = λ[k], the next eigenvalue of
-the tracked matrix (a lower estimate). A full side (k = s) recomputes the
-whole factor, U diag(ασ) Uᵀ + (1-α)YYᵀ, and takes its exact eigh: ρ = 0.
+α U diag(σ) Uᵀ + (1-α) Y Yᵀ, computed without any s×s matrix.
+
+The tail level (``tail``). Truncation only removes positive semidefinite
+mass, at most δ = λ[k] (the first dropped eigenvalue) per update, so the
+kept part T = U diag(σ) Uᵀ satisfies T ≼ A (A the EMA itself) and
+
+    A ≼ T + ρ I,   ρ_t = α ρ_{t-1} + δ_t                 ("accumulate")
+
+as in frequent directions with decay (Ghashami et al. 2016; Sketchy,
+Feinberg et al. 2023), which also subtracts δ from the kept eigenvalues
+("fd": the same bound, with σ biased low). "next": ρ = δ, the next
+eigenvalue of the tracked matrix, a lower estimate of A's. Measured
+against the exact EMA (tests/test_kronecker.py,
+benchmarks/kronecker_tracking.py): "accumulate" keeps σ within 0.3 % of
+A's top-k and ρ at ~1.3x its (k+1)-th eigenvalue; "fd" has σ_k 50 % low;
+"next" has ρ 20x low. The block uses "accumulate". A full side (k = s)
+recomputes the whole factor, U diag(ασ) Uᵀ + (1-α)YYᵀ, and takes its
+exact eigh: ρ = 0.
 """
 
 import numpy as np
@@ -48,7 +58,7 @@ from keras import ops
 
 EPS32 = float(np.finfo(np.float32).eps)
 
-TAILS = ("fd", "next")
+TAILS = ("fd", "next", "accumulate")
 
 
 def as_matrix_shape(shape):
@@ -105,6 +115,8 @@ def lowrank_finish(Q, lam, V, rho, k, beta_2, tail="fd", unsketched=None):
         rho_new = beta_2 * rho + delta
     elif tail == "next":
         sigma_new, rho_new = lam[:k], delta
+    elif tail == "accumulate":
+        sigma_new, rho_new = lam[:k], beta_2 * rho + delta
     else:
         raise ValueError(f"tail must be one of {TAILS}. Received: {tail!r}")
     if unsketched is not None:
