@@ -38,10 +38,10 @@ def shares(opt):
     rows = []
     for var in opt._trainable_variables:
         idx = opt._get_variable_index(var)
-        if opt._bases[idx] is None:
+        block = opt._blocks[idx]
+        if block is None or block.kind != "vector":
             continue
-        U = np.asarray(opt._bases[idx].value, np.float64)
-        sigma = np.asarray(opt._sigmas[idx].value, np.float64)
+        U, sigma = (np.asarray(s.value, np.float64) for s in block.slots)
         m = np.asarray(opt._momentums[idx].value, np.float64).ravel()
         v = np.asarray(opt._second_moments[idx].value, np.float64).ravel()
         m_hat = m / (1 - opt.beta_1 ** t)

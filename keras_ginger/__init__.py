@@ -7,7 +7,9 @@
 Modules, imports pointing one way (each imports only those above it):
 
     _keras_compat   every Keras internal used, in one place
-    curvature       pure curvature math (no Keras state)
+    curvature       pure curvature math of the vector block (no Keras state)
+    kronecker       pure math of the Kronecker block (no Keras state)
+    blocks          curvature blocks: identity, vector, Kronecker
     optimizer       `Ginger`, the Keras optimizer
     samplers        label samplers (the model's predictive distribution)
     fisher_loss     the Fisher loss whose gradient is d
@@ -24,7 +26,9 @@ for torch.distributed custom loops).
 
 from keras_ginger import callbacks
 from keras_ginger.checkpoint import load_training_state
+from keras_ginger import blocks
 from keras_ginger import curvature
+from keras_ginger import kronecker
 from keras_ginger import samplers
 from keras_ginger.fisher_loss import fisher_loss
 from keras_ginger.optimizer import Ginger
@@ -34,4 +38,5 @@ from keras_ginger.wrapping import with_fisher
 __version__ = "0.1.0"
 
 __all__ = ["Ginger", "FisherTrainStep", "with_fisher", "fisher_loss",
-           "load_training_state", "callbacks", "curvature", "samplers"]
+           "load_training_state", "callbacks", "curvature", "kronecker",
+           "blocks", "samplers"]

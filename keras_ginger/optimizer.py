@@ -371,6 +371,24 @@ class Ginger(keras.optimizers.Optimizer):
             all-reduce of k-vectors for Uᵀd̃ and Uᵀm̃, an all-gather of each
             variable's step). No effect without a distribution. Defaults to
             False.
+        curvature: which curvature block a variable gets
+            (`keras_ginger.blocks`): `"vector"` (the default, the paper's
+            rank-τ block of the flattened variable, for every variable) or
+            `"auto"`: the Kronecker block for every variable of two or more
+            axes whose name does not end in "bias" (kernels, embeddings),
+            the vector block for the rest. `exclude_from_curvature` and
+            `max_curvature_size` still give the identity block.
+        kronecker_rank: k, the rank kept on a side of a Kronecker block
+            longer than `kronecker_full_size` (positive int). Defaults to
+            `32`.
+        kronecker_full_size: the longest side whose factor is kept in full
+            (exact eigendecomposition of an s×s matrix at each refresh).
+            Defaults to `256`.
+        kronecker_exponent: p of the step L̃^{-p} M̂ R̃^{-p}, in (0, 1].
+            Defaults to `0.25` (Shampoo's).
+        kronecker_damping: γ of a Kronecker side, relative to its largest
+            eigenvalue σ₁: eigenvalues below max(tail level, γ·σ₁) are
+            raised to it. Defaults to `1e-3`.
         {{base_optimizer_keyword_args}}
     """
 
@@ -392,7 +410,7 @@ class Ginger(keras.optimizers.Optimizer):
         graft_epsilon=1e-7,
         metric="adam",
         shard_state=False,
-        curvature="auto",
+        curvature="vector",
         kronecker_rank=32,
         kronecker_full_size=256,
         kronecker_exponent=0.25,
@@ -520,13 +538,14 @@ class Ginger(keras.optimizers.Optimizer):
 
         "identity" when its path matches `exclude_from_curvature` or its
         size exceeds `max_curvature_size`; otherwise as `curvature` says:
-        "vector" for every variable, or with "auto" (the default)
+        "vector" for every variable (the default), or with "auto"
         "kronecker" for every variable of two or more axes (kernels,
         embeddings) and "vector" for the rest (biases, scales).
         """
         if not self.uses_curvature(variable):
             return "identity"
-        if self.curvature == "vector" or len(variable.shape) < 2:
+        if (self.curvature == "vector" or len(variable.shape) < 2
+                or variable.name.endswith("bias")):
             return "vector"
         return "kronecker"
 

@@ -83,7 +83,7 @@ def model_parallel():
               batch_size=16, verbose=0)
     opt = model.optimizer
     idx = opt._get_variable_index(model.layers[0].kernel)
-    U = opt._bases[idx].value
+    U = opt._blocks[idx].slots[0].value
     spec = tuple(U.sharding.spec)
     shard_rows = {s.data.shape[0] for s in U.addressable_shards}
     np.savez(OUT, spec=np.array([str(a) for a in spec]),
@@ -131,7 +131,7 @@ def sharded_state():
                                  if "curvature_basis" in v.path])
         out[f"bytes_{key}"] = state_bytes(opt, jax.devices()[0])
         kernel = opt._get_variable_index(model.layers[0].kernel)
-        U = opt._bases[kernel].value
+        U = opt._blocks[kernel].slots[0].value
         out[f"spec_{key}"] = np.array(
             [str(a) for a in getattr(U.sharding, "spec", ())])
         out[f"rows_{key}"] = max(

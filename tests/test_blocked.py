@@ -1,7 +1,7 @@
 """The blocked, in-place walk over U (`block_rows`) against whole arrays.
 
 The optimizer walks U in blocks of rows only on JAX/CPU (see
-`Ginger._block_rows`); these tests force small blocks, with a tail, on every
+`blocks.VectorBlock.block_rows`); these tests force small blocks, with a tail, on every
 backend and hold the walk to the same references as the whole-array form.
 """
 
@@ -12,6 +12,7 @@ from keras import ops
 
 import keras_ginger
 from keras_ginger import curvature
+from keras_ginger.blocks import VectorBlock
 from keras_ginger.optimizer import Ginger
 from tests import test_optimizer as whole
 from tests.reference import PAPER, DenseGinger, rel_err, separated_stream
@@ -21,7 +22,8 @@ BLOCK = 16  # n = 120 -> 7 full blocks and a tail of 8 rows; n = 1000 -> 62 + 8
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(Ginger, "_block_rows", staticmethod(lambda U: BLOCK))
+    monkeypatch.setattr(VectorBlock, "block_rows",
+                        staticmethod(lambda U: BLOCK))
     monkeypatch.setattr(whole, "COMPILE_DRIVE", True)
 
 
@@ -159,16 +161,16 @@ def test_low_precision_blocked(small_blocks):
 def test_optimizer_walks_only_large_traced_jax():
     """The optimizer's own choice: blocks for a U of ≥ 24 MiB under jit on
     JAX/CPU; whole arrays otherwise (eager, small U, other backends)."""
-    big = (keras_ginger.optimizer.BLOCK_MIN_BYTES // 32, 8)
-    assert Ginger._block_rows(ops.zeros((100, 8))) is None
+    big = (keras_ginger.blocks.BLOCK_MIN_BYTES // 32, 8)
+    assert VectorBlock.block_rows(ops.zeros((100, 8))) is None
     if keras.backend.backend() == "jax":
         import jax
 
         seen = []
-        probe = lambda U: seen.append(Ginger._block_rows(U)) or U  # noqa
+        probe = lambda U: seen.append(VectorBlock.block_rows(U)) or U  # noqa
         for shape in (big, (big[0] - 1, 8)):
             jax.eval_shape(probe, jax.ShapeDtypeStruct(shape, "float32"))
-        assert seen == [keras_ginger.optimizer.BLOCK_ROWS, None]
+        assert seen == [keras_ginger.blocks.BLOCK_ROWS, None]
 
 
 def test_walk_is_used(small_blocks, monkeypatch):

@@ -144,8 +144,8 @@ def test_full_factors_match_dense_reference(metric, graft):
     ref = DenseKronecker(shape, damping=1e-3, exponent=0.25, graft=graft,
                          metric=metric)
     var = keras.Variable(np.zeros(shape, np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0, graft=graft, metric=metric,
-                              **kw)
+    opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0,
+                              graft=graft, metric=metric, **kw)
     worst = 0.0
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         worst = max(worst, rel_err(got, ref.step(g, d)))
@@ -166,7 +166,8 @@ def test_lowrank_side_matches_dense_reference():
     ref = DenseKronecker(shape, rank=5, full_size=16, damping=1e-4,
                          exponent=0.5, metric="adam")
     var = keras.Variable(np.zeros(shape, np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0, kronecker_rank=5,
+    opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0,
+                              kronecker_rank=5,
                               kronecker_full_size=16, kronecker_damping=1e-4,
                               kronecker_exponent=0.5)
     worst = 0.0
@@ -185,7 +186,7 @@ def test_conv_kernel_reads_as_a_matrix():
     gs, ds = _pair(rng, (18, 5), 5)
     ref = DenseKronecker((18, 5), metric="adam")
     var = keras.Variable(np.zeros(shape, np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0)
+    opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0)
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         assert rel_err(got, ref.step(g, d)) <= 2e-5
     assert [U.shape[0] for _, U, _ in opt.curvature_factors(var)] == [18, 5]
@@ -199,7 +200,8 @@ def test_loss_scale_invariance():
     steps = []
     for c in (1.0, 1e3):
         var = keras.Variable(np.zeros((10, 8), np.float32))
-        opt = keras_ginger.Ginger(learning_rate=1.0, graft_epsilon=1e-12)
+        opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0,
+                                  graft_epsilon=1e-12)
         steps.append(drive(opt, var, [g * c for g in gs],
                            [d * c for d in ds]))
     for a, b in zip(*steps):
@@ -212,7 +214,7 @@ def test_nonfinite_d_leaves_factors_unchanged():
     ds[2] = ds[2].copy()
     ds[2][0, 0] = np.nan
     var = keras.Variable(np.zeros((8, 6), np.float32))
-    opt = keras_ginger.Ginger(learning_rate=1.0)
+    opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0)
     drive(opt, var, gs[:2], ds[:2])
     before = [np64(x) for _, U, s in opt.curvature_factors(var)
               for x in (U, s)]
@@ -225,7 +227,8 @@ def test_nonfinite_d_leaves_factors_unchanged():
 
 
 def test_block_kinds_and_errors():
-    opt = keras_ginger.Ginger(exclude_from_curvature=["skip"])
+    opt = keras_ginger.Ginger(curvature="auto",
+                              exclude_from_curvature=["skip"])
     k = keras.Variable(np.zeros((4, 3), np.float32), name="kernel")
     b = keras.Variable(np.zeros((3,), np.float32), name="bias")
     s = keras.Variable(np.zeros((4, 3), np.float32), name="skip")
@@ -252,7 +255,8 @@ def test_block_kinds_and_errors():
 
 
 def test_config_round_trip_and_old_configs_load_as_vector():
-    opt = keras_ginger.Ginger(kronecker_rank=7, kronecker_exponent=0.5)
+    opt = keras_ginger.Ginger(curvature="auto", kronecker_rank=7,
+                              kronecker_exponent=0.5)
     again = keras_ginger.Ginger.from_config(opt.get_config())
     assert again.kronecker_rank == 7 and again.kronecker_exponent == 0.5
     assert again.curvature == "auto"
