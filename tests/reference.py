@@ -26,7 +26,9 @@ class DenseGinger:
 
     def __init__(self, n, tau, beta_1, beta_2, damping, graft=None,
                  relative_damping=False, graft_beta_2=0.999,
-                 graft_epsilon=1e-7, metric=None):
+                 graft_epsilon=1e-7, metric=None, curvature="vector"):
+        # The paper's block of the flattened variable (PAPER passes it).
+        assert curvature == "vector", curvature
         self.k = min(tau, n)
         self.beta_1, self.beta_2, self.damping = beta_1, beta_2, damping
         self.graft, self.relative = graft, relative_damping
