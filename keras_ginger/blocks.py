@@ -85,16 +85,14 @@ class CurvatureBlock:
     """One variable's curvature: state, refresh from d, step (module doc).
 
     ``optimizer`` is the `Ginger` that owns the block (its hyperparameters
-    and scale rules); ``variable`` the model variable; ``index`` its index
-    in the optimizer.
+    and scale rules); ``variable`` the model variable.
     """
 
     kind = None
 
-    def __init__(self, optimizer, variable, index):
+    def __init__(self, optimizer, variable):
         self.optimizer = optimizer
         self.variable = variable
-        self.index = index
         self.slots = ()
 
     def build(self, prefix, basis_layout=None):
@@ -116,7 +114,7 @@ class CurvatureBlock:
         """θ' with the state as it is."""
         raise NotImplementedError
 
-    def factors(self, state=None):
+    def factors(self):
         """[(label, U, σ)]: the eigendecompositions this block keeps."""
         return []
 
@@ -155,8 +153,8 @@ class VectorBlock(CurvatureBlock):
                              name=f"{prefix}_curvature_eigenvalues"),
         )
 
-    def factors(self, state=None):
-        U, sigma = self.state() if state is None else state
+    def factors(self):
+        U, sigma = self.state()
         return [("", U, sigma)]
 
     @staticmethod
@@ -308,12 +306,12 @@ class KroneckerBlock(CurvatureBlock):
     tail = "accumulate"
     sketch_size = 1024
 
-    def __init__(self, optimizer, variable, index):
-        super().__init__(optimizer, variable, index)
+    def __init__(self, optimizer, variable):
+        super().__init__(optimizer, variable)
         self.shape = kronecker.as_matrix_shape(variable.shape)
-        opt = optimizer
-        self.full = tuple(s <= opt.kronecker_full_size for s in self.shape)
-        self.ranks = tuple(s if full else min(opt.kronecker_rank, s)
+        self.full = tuple(s <= optimizer.kronecker_full_size
+                          for s in self.shape)
+        self.ranks = tuple(s if full else min(optimizer.kronecker_rank, s)
                            for s, full in zip(self.shape, self.full))
 
     def build(self, prefix, basis_layout=None):
@@ -347,10 +345,9 @@ class KroneckerBlock(CurvatureBlock):
                 i += 3
         return out
 
-    def factors(self, state=None):
-        sides = self.sides(self.state() if state is None else state)
-        return [(label, U, sigma)
-                for label, (U, sigma, _, _) in zip(("left", "right"), sides)]
+    def factors(self):
+        return [(label, U, sigma) for label, (U, sigma, _, _)
+                in zip(("left", "right"), self.sides(self.state()))]
 
     def _matrix(self, x):
         return ops.reshape(x, self.shape)
@@ -358,7 +355,6 @@ class KroneckerBlock(CurvatureBlock):
     def _columns(self, D, sides):
         """Y for each side: D (left) and Dᵀ (right), or their sketches on
         the other side's basis, with the energy a sketch misses (or None)."""
-        opt = self.optimizer
         out = []
         for side, (Dm, other) in enumerate(((D, sides[1]),
                                             (ops.transpose(D), sides[0]))):
@@ -416,10 +412,9 @@ class KroneckerBlock(CurvatureBlock):
         opt = self.optimizer
         scale = opt._metric_scale(e)
         m = e.m if scale is None else e.m * scale
-        sides = [(U, sigma, rho, full)
-                 for U, sigma, rho, full in self.sides(state)]
+        left, right = self.sides(state)
         direction = ops.reshape(kronecker.kronecker_direction(
-            self._matrix(m), sides[0], sides[1], opt.kronecker_damping,
+            self._matrix(m), left, right, opt.kronecker_damping,
             opt.kronecker_exponent), (-1,))
         if opt.graft is None:
             eta = e.eta

@@ -25,7 +25,8 @@ never forming an m×m matrix unless the side is full. γ_L is the tail level
 (Sketchy's residual, Feinberg et al. 2023) floored relative to σ₁, so that a
 loss multiplied by c multiplies L̃ by c² and the grafted step is unchanged.
 
-The factor update in small space (`side_update`), for a side of length s
+The factor update in small space (`lowrank_small`, then `lowrank_finish`
+around the eigensolve), for a side of length s
 with w new columns Y (Y = D for L, Dᵀ for R: exact; or a sketch D Ω):
 
     Z = [U diag(√(α σ)), √(1-α) Y]              (s, k + w)
@@ -55,8 +56,6 @@ exact eigh: ρ = 0.
 
 import numpy as np
 from keras import ops
-
-EPS32 = float(np.finfo(np.float32).eps)
 
 TAILS = ("fd", "next", "accumulate")
 
@@ -98,9 +97,10 @@ def lowrank_small(U, sigma, Y, beta_2):
     return Q, 0.5 * (C + ops.transpose(C))
 
 
-def lowrank_finish(Q, lam, V, rho, k, beta_2, tail="fd", unsketched=None):
+def lowrank_finish(Q, lam, V, rho, k, beta_2, tail="accumulate",
+                   unsketched=None):
     """Second half: U' = Q V[:, :k], the kept eigenvalues and the tail
-    level (module doc; ``tail`` "fd" or "next").
+    level (module doc; ``tail`` one of `TAILS`).
 
     ``unsketched``: optional scalar, the Fisher energy of this side that Y
     does not carry (‖D‖²_F - ‖Y‖²_F for a sketch Y = DΩ); it is spread over

@@ -17,6 +17,15 @@ from keras import ops
 from keras_ginger import _keras_compat
 from keras_ginger import blocks
 
+
+def _check_positive_float(name, value):
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not math.isfinite(value) or value <= 0):
+        raise ValueError(
+            f"Argument `{name}` must be a finite float > 0. "
+            f"Received: {name}={value!r}")
+
+
 def _check_hyperparameters(tau, beta_1, beta_2, damping):
     if isinstance(tau, bool) or not isinstance(tau, numbers.Integral) or tau < 1:
         raise ValueError(
@@ -32,16 +41,7 @@ def _check_hyperparameters(tau, beta_1, beta_2, damping):
                 f"Argument `{name}` must be a float in [0, 1). "
                 f"Received: {name}={value!r}"
             )
-    if (
-        isinstance(damping, bool)
-        or not isinstance(damping, numbers.Real)
-        or not math.isfinite(damping)
-        or damping <= 0
-    ):
-        raise ValueError(
-            "Argument `damping` must be a finite float > 0. "
-            f"Received: damping={damping!r}"
-        )
+    _check_positive_float("damping", damping)
 
 
 CURVATURES = ("auto", "vector")
@@ -60,11 +60,7 @@ def _check_kronecker_arguments(curvature, rank, full_size, exponent,
         raise ValueError(
             "Argument `kronecker_exponent` must be a float in (0, 1]. "
             f"Received: kronecker_exponent={exponent!r}")
-    if (isinstance(damping, bool) or not isinstance(damping, numbers.Real)
-            or not math.isfinite(damping) or damping <= 0):
-        raise ValueError(
-            "Argument `kronecker_damping` must be a finite float > 0. "
-            f"Received: kronecker_damping={damping!r}")
+    _check_positive_float("kronecker_damping", damping)
 
 
 _BLOCKS = {"identity": blocks.IdentityBlock, "vector": blocks.VectorBlock,
@@ -94,12 +90,7 @@ def _check_scale_arguments(graft, relative_damping, graft_beta_2,
         raise ValueError(
             "Argument `graft_beta_2` must be a float in [0, 1). "
             f"Received: graft_beta_2={graft_beta_2!r}")
-    if (isinstance(graft_epsilon, bool)
-            or not isinstance(graft_epsilon, numbers.Real)
-            or not math.isfinite(graft_epsilon) or graft_epsilon <= 0):
-        raise ValueError(
-            "Argument `graft_epsilon` must be a finite float > 0. "
-            f"Received: graft_epsilon={graft_epsilon!r}")
+    _check_positive_float("graft_epsilon", graft_epsilon)
 
 
 # Packages whose frames sit between the user's call and Ginger.apply (fit's
@@ -497,7 +488,7 @@ class Ginger(keras.optimizers.Optimizer):
         super().build(var_list)
         self._momentums, self._blocks = [], []
         self._fisher_accumulators, self._second_moments = [], []
-        for idx, var in enumerate(var_list):
+        for var in var_list:
             if _keras_compat.overwrites_with_gradient(self, var):
                 for slots in (self._momentums, self._blocks,
                               self._fisher_accumulators,
@@ -513,7 +504,7 @@ class Ginger(keras.optimizers.Optimizer):
             self._momentums.append(self.add_variable(
                 var.shape, dtype="float32", name=f"{prefix}_momentum",
                 layout=layout))
-            block = _BLOCKS[self.block_kind(var)](self, var, idx)
+            block = _BLOCKS[self.block_kind(var)](self, var)
             block.build(prefix, basis_layout)
             self._blocks.append(block)
             curved = block.kind != "identity"
@@ -539,8 +530,9 @@ class Ginger(keras.optimizers.Optimizer):
         "identity" when its path matches `exclude_from_curvature` or its
         size exceeds `max_curvature_size`; otherwise as `curvature` says:
         "vector" for every variable (the default), or with "auto"
-        "kronecker" for every variable of two or more axes (kernels,
-        embeddings) and "vector" for the rest (biases, scales).
+        "kronecker" for every variable of two or more axes whose name does
+        not end in "bias" (kernels, embeddings) and "vector" for the rest
+        (biases, scales).
         """
         if not self.uses_curvature(variable):
             return "identity"
