@@ -14,8 +14,8 @@ d, and turns the momentum into the variable's new value:
   L̃^{-p} M̂ R̃^{-p}.
 
 The interface (`CurvatureBlock`): ``build`` creates the state variables;
-``state()`` reads them; a refresh runs in two halves around one batched
-eigensolve shared by all blocks of an update, ``begin_refresh`` (the small
+``state()`` reads them; a refresh runs in two halves around the
+eigensolves of all blocks of an update (`eigh_each`), ``begin_refresh`` (the small
 symmetric matrices to decompose, each tagged with how) and
 ``end_refresh`` (the new state and θ'); ``reuse`` steps with the state as
 it is (`curvature_interval`). The state is returned, never assigned here,
@@ -64,20 +64,24 @@ def _theta(var):
     return ops.reshape(ops.cast(ops.convert_to_tensor(var), "float32"), (-1,))
 
 
-def batched_eigh(tagged):
-    """[(tag, C)] → [(λ, V)] descending, one eigensolve per (tag, size)."""
-    groups = {}
-    for i, (tag, C) in enumerate(tagged):
-        groups.setdefault((tag, C.shape[-1]), []).append(i)
-    out = [None] * len(tagged)
-    for (tag, size), members in groups.items():
-        stacked = ops.stack([tagged[i][1] for i in members], axis=0)
+def eigh_each(tagged):
+    """[(tag, C)] → [(λ, V)] descending, one eigensolve per matrix.
+
+    The matrices are not stacked into batched eigensolves: jaxlib's batched
+    CPU eigh (0.10) splits its batch over XLA's intra-op thread pool and
+    blocks a pool thread until the pieces finish, so two batched eigh
+    calls that XLA runs at once (two sizes, next to the backward pass of a
+    `with_fisher` step) can take every thread of a small pool and wait for
+    each other for ever (measured: char_lm's first JAX `fit()` step never
+    returned on a 2-core machine). One unbatched call per matrix runs where
+    it is scheduled, returns the same LAPACK result and compiled faster.
+    """
+    out = []
+    for tag, C in tagged:
         if tag == TOP:
-            lam, V = curvature.top_eigh(stacked, size - 1)
+            out.append(curvature.top_eigh(C, C.shape[-1] - 1))
         else:
-            lam, V = kronecker.eigh_desc(stacked)
-        for j, i in enumerate(members):
-            out[i] = (lam[j], V[j])
+            out.append(kronecker.eigh_desc(C))
     return out
 
 

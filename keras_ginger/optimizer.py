@@ -835,10 +835,10 @@ class Ginger(keras.optimizers.Optimizer):
 
     def _refresh_curvature(self, entries, states):
         """[(state', θ')]: every block refreshed from d, its small
-        matrices decomposed together (`blocks.batched_eigh`)."""
+        matrices decomposed in one place (`blocks.eigh_each`)."""
         begun = [self._blocks[e.idx].begin_refresh(e, state)
                  for e, state in zip(entries, states)]
-        eigs = blocks.batched_eigh([m for tagged, _ in begun for m in tagged])
+        eigs = blocks.eigh_each([m for tagged, _ in begun for m in tagged])
         out, i = [], 0
         for e, state, (tagged, context) in zip(entries, states, begun):
             mine, i = eigs[i:i + len(tagged)], i + len(tagged)
