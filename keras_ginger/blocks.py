@@ -288,7 +288,7 @@ class VectorBlock(CurvatureBlock):
 class KroneckerBlock(CurvatureBlock):
     """Kronecker factors of a matrix-shaped variable (`keras_ginger.kronecker`).
 
-    The variable is read as a matrix (m, n), n its last axis. Each side s
+    The variable is read as a matrix (m, n) (`kronecker.as_matrix_shape`). Each side s
     (m for L, n for R) is *full* (U (s, s): the exact factor, eigh of s×s)
     when s ≤ `kronecker_full_size`, else low-rank with k =
     min(`kronecker_rank`, s) columns and a tail level ρ. State per side:

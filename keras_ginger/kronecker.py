@@ -1,8 +1,8 @@
 """Pure math of Ginger's Kronecker block: no Keras state, only `keras.ops`.
 
-A variable reshaped to a matrix Θ (m, n) (its last axis is n: a Dense
-kernel (in, out), a conv kernel (kh·kw·c_in, c_out), an embedding table
-(vocabulary, width)) gets, instead of one curvature of its m·n entries, two
+A variable reshaped to a matrix Θ (m, n) (`as_matrix_shape`: a Dense
+kernel (in, out), a conv kernel (kh·kw·c_in, c_out), an attention kernel
+(d_model, heads·head_dim), an embedding table (vocabulary, width)) gets, instead of one curvature of its m·n entries, two
 Kronecker factors of the Fisher / GGN (K-FAC; Shampoo's two factors), each
 an exponential moving average of the Fisher gradient D (d reshaped):
 
@@ -61,11 +61,25 @@ TAILS = ("fd", "next", "accumulate")
 
 
 def as_matrix_shape(shape):
-    """(m, n) of a variable's shape: all leading axes by the last one."""
+    """(m, n) of a variable's shape: its leading axes by its trailing ones,
+    split where the longer side is shortest (ties: the later split).
+
+    A Dense kernel stays (d_in, d_out); a conv kernel (kh, kw, c_in, c_out)
+    reads as (kh·kw·c_in, c_out) whenever c_out ≥ kh·kw (a 3×3 conv with
+    9 or more filters);
+    an attention kernel (d_model, heads, head_dim) reads as (d_model,
+    heads·head_dim) and its output kernel (heads, head_dim, d_model) as
+    (heads·head_dim, d_model) — rather than (d_model·heads, head_dim).
+    """
     shape = tuple(int(s) for s in shape)
-    n = shape[-1]
-    m = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    return m, n
+    if len(shape) < 2:
+        return 1, (shape[0] if shape else 1)
+    best = None
+    for p in range(1, len(shape)):
+        m, n = int(np.prod(shape[:p])), int(np.prod(shape[p:]))
+        if best is None or max(m, n) <= max(best):
+            best = (m, n)
+    return best
 
 
 def eigh_desc(C):

@@ -190,14 +190,33 @@ def test_lowrank_side_matches_dense_reference():
 def test_conv_kernel_reads_as_a_matrix():
     """A (kh, kw, c_in, c_out) kernel: factors of (kh·kw·c_in, c_out)."""
     rng = np.random.default_rng(5)
-    shape = (3, 3, 2, 5)
-    gs, ds = _pair(rng, (18, 5), 5)
-    ref = DenseKronecker((18, 5), metric="adam")
+    shape = (3, 3, 2, 10)
+    gs, ds = _pair(rng, (18, 10), 5)
+    ref = DenseKronecker((18, 10), metric="adam")
     var = keras.Variable(np.zeros(shape, np.float32))
     opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0)
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         assert rel_err(got, ref.step(g, d)) <= 2e-5
-    assert [U.shape[0] for _, U, _ in opt.curvature_factors(var)] == [18, 5]
+    assert [U.shape[0] for _, U, _ in opt.curvature_factors(var)] == [18, 10]
+
+
+def test_attention_kernel_splits_heads_from_the_model_axis():
+    """(d_model, heads, head_dim) reads as (d_model, heads·head_dim), its
+    output kernel (heads, head_dim, d_model) as (heads·head_dim, d_model);
+    the step is the dense (m, n) step on the reshaped variable."""
+    assert kronecker.as_matrix_shape((64, 4, 16)) == (64, 64)
+    assert kronecker.as_matrix_shape((4, 16, 64)) == (64, 64)
+    assert kronecker.as_matrix_shape((3, 3, 16, 32)) == (144, 32)
+    assert kronecker.as_matrix_shape((3, 16, 32)) == (48, 32)
+    assert kronecker.as_matrix_shape((7,)) == (1, 7)
+    rng = np.random.default_rng(15)
+    gs, ds = _pair(rng, (12, 12), 5)
+    ref = DenseKronecker((12, 12), metric="adam")
+    var = keras.Variable(np.zeros((12, 3, 4), np.float32))
+    opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0)
+    for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
+        assert rel_err(got, ref.step(g, d)) <= 2e-5
+    assert [U.shape[0] for _, U, _ in opt.curvature_factors(var)] == [12, 12]
 
 
 def test_loss_scale_invariance():
