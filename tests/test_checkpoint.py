@@ -15,6 +15,7 @@ again after loading (the sampling stream is keyed on the checkpointed
 optimizer step).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -48,7 +49,13 @@ def _data(n=48, seed=0):
     return x, y
 
 
-def _model(seed=0, schedule=True, jit_compile=False):
+# A Kronecker block on both kernels (curvature="auto"): the first kernel
+# (5, 4) has two low-rank sides (rank 2, with their tail levels ρ), the
+# second (4, 3) a low-rank left and a full right side.
+KRONECKER = dict(curvature="auto", kronecker_full_size=3, kronecker_rank=2)
+
+
+def _model(seed=0, schedule=True, jit_compile=False, **ginger):
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([
         keras.Input((5,)),
@@ -60,7 +67,8 @@ def _model(seed=0, schedule=True, jit_compile=False):
     lr = (keras.optimizers.schedules.ExponentialDecay(0.05, 4, 0.7)
           if schedule else 0.05)
     model.compile(
-        optimizer=keras_ginger.Ginger(learning_rate=lr, tau=3, damping=1e-2),
+        optimizer=keras_ginger.Ginger(learning_rate=lr, tau=3, damping=1e-2,
+                                      **ginger),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         # Op by op: these runs are a few steps each, and XLA would compile
         # every model afresh (the .keras file written by JAX below is jitted).
@@ -70,7 +78,10 @@ def _model(seed=0, schedule=True, jit_compile=False):
 
 
 _ROLES = ("momentum", "second_moment", "curvature_basis", "curvature_eigenvalues",
-          "fisher_accumulator", "gradient_accumulator", "average")
+          "fisher_accumulator", "gradient_accumulator", "average") + tuple(
+    f"kronecker_{side}_{what}" for side in ("left", "right")
+    for what in ("basis", "eigenvalues", "tail"))
+_BASES = ("curvature_basis", "kronecker_left_basis", "kronecker_right_basis")
 
 
 def _role(variable):
@@ -80,14 +91,16 @@ def _role(variable):
 
 
 def _state(model):
-    """{name: array}: weights, every optimizer variable, and U diag(σ) Uᵀ."""
+    """{name: array}: weights, every optimizer variable, and U diag(σ) Uᵀ of
+    every factor a block keeps."""
     opt = model.optimizer
     out = {f"w{i}": np_(w) for i, w in enumerate(model.trainable_variables)}
     for i, v in enumerate(opt.variables):
         out[f"opt{i:02d}:{_role(v)}"] = np_(v)
     for i, v in enumerate(model.trainable_variables):
-        U, s = (np.asarray(np_(t), np.float64) for t in opt.get_curvature(v))
-        out[f"M{i}"] = (U * s) @ U.T
+        for label, U, s in opt.curvature_factors(v):
+            U, s = (np.asarray(np_(t), np.float64) for t in (U, s))
+            out[f"M{i}{label}"] = (U * s) @ U.T
     out["iterations"] = np.asarray(int(np_(opt.iterations)))
     return out
 
@@ -175,6 +188,33 @@ def test_model_save_restores_state_and_resume_equals_uninterrupted(run):
     _assert_same(_state(resumed), states[12], rtol=1e-6, atol=1e-8)
 
 
+def test_kronecker_state_save_restores_and_resume_equals_uninterrupted(
+        tmp_path):
+    """The Kronecker block's state (U, σ, ρ of each side) comes back bit for
+    bit from a .keras file, and the resumed run equals the uninterrupted
+    one."""
+    path = str(tmp_path / "step6.keras")
+    states = {}
+
+    def at_6(model):
+        states[6] = _state(model)
+        model.save(path)
+
+    x, y = _data()
+    model = _model(**KRONECKER)
+    model.fit(x, y, epochs=2, callbacks=[AtStep(6, at_6)], **FIT)
+    kinds = [model.optimizer.block_kind(v) for v in model.trainable_variables]
+    assert kinds == ["kronecker", "vector", "kronecker", "vector"]
+    resumed = keras.models.load_model(path)
+    restored = _state(resumed)
+    assert sum(k.endswith("_tail") for k in restored) == 3
+    assert all(np.any(restored[k] > 0) for k in restored
+               if k.endswith(("_tail", "_eigenvalues")))
+    _assert_equal(restored, states[6])
+    resumed.fit(x, y, epochs=1, **FIT)
+    _assert_same(_state(resumed), _state(model), rtol=1e-6, atol=1e-8)
+
+
 # --------------------------------------------------------------------------
 # 2. save_weights / load_weights
 
@@ -245,13 +285,13 @@ _JAX_SCRIPT = textwrap.dedent('''
     """Written by tests/test_checkpoint.py; runs with KERAS_BACKEND=jax."""
     import sys, warnings
     warnings.filterwarnings("ignore", message="Ginger received no")
-    import keras, numpy as np
+    import json, keras, numpy as np
     sys.path.insert(0, sys.argv[2])
     from tests.test_checkpoint import _data, _model, _state, FIT
     assert keras.backend.backend() == "jax", keras.backend.backend()
     out = sys.argv[1]
     x, y = _data()
-    model = _model(jit_compile="auto")           # jitted, as users run it
+    model = _model(jit_compile="auto", **json.loads(sys.argv[3]))  # jitted
     model.fit(x, y, epochs=1, **FIT)             # 6 steps
     np.savez(out + "/saved.npz", **_state(model))
     model.save(out + "/jax.keras")
@@ -260,14 +300,16 @@ _JAX_SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def jax_checkpoint(tmp_path_factory):
+@pytest.fixture(scope="module", params=["vector", "kronecker"])
+def jax_checkpoint(request, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("jax_ckpt"))
+    kwargs = KRONECKER if request.param == "kronecker" else {}
     script = os.path.join(out, "make_checkpoint.py")
     with open(script, "w") as f:
         f.write(_JAX_SCRIPT)
     env = dict(os.environ, KERAS_BACKEND="jax")
-    proc = subprocess.run([sys.executable, script, out, ROOT], env=env,
+    proc = subprocess.run([sys.executable, script, out, ROOT,
+                           json.dumps(kwargs)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -301,7 +343,7 @@ def test_resume_from_jax_checkpoint(jax_checkpoint):
     # U's columns are eigenvectors: their signs are the eigensolver's choice
     # and may differ between backends; U diag(σ) Uᵀ (M*) does not.
     for k in sorted(want):
-        if k.endswith(":curvature_basis") or k == "iterations":
+        if k.endswith(_BASES) or k == "iterations":
             continue
         if np.linalg.norm(want[k]) == 0:
             np.testing.assert_array_equal(got[k], want[k], err_msg=k)
