@@ -285,6 +285,19 @@ class VectorBlock(CurvatureBlock):
         return _theta(e.var) - eta * (step if scale is None else scale * step)
 
 
+def _rows_layout(layout, rows):
+    """``layout`` (rows sharded over one mesh axis, the vector block's basis
+    layout) for an (rows, k) basis, or None (replicated) where that axis's
+    size does not divide ``rows`` (L's m is not the flattened variable's
+    length the layout was chosen for)."""
+    axes = getattr(layout, "axes", None)
+    if not axes or axes[0] is None:
+        return None
+    mesh = layout.device_mesh
+    size = mesh.shape[list(mesh.axis_names).index(axes[0])]
+    return layout if rows % size == 0 else None
+
+
 class KroneckerBlock(CurvatureBlock):
     """Kronecker factors of a matrix-shaped variable (`keras_ginger.kronecker`).
 
@@ -327,7 +340,7 @@ class KroneckerBlock(CurvatureBlock):
             slots.append(opt.add_variable(
                 (s, k), initializer="identity", dtype="float32",
                 name=f"{prefix}_kronecker_{label}_basis",
-                layout=basis_layout if side == 0 else None))
+                layout=_rows_layout(basis_layout, s) if side == 0 else None))
             slots.append(opt.add_variable(
                 (k,), dtype="float32",
                 name=f"{prefix}_kronecker_{label}_eigenvalues"))

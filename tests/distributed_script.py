@@ -20,6 +20,13 @@ import sys
 import warnings
 
 MODE, OUT = sys.argv[1], sys.argv[2]
+# "<mode>_kronecker": the same checks with Kronecker blocks on the kernels
+# (low-rank sides of rank 2 with their tail levels; the (8, 3) kernel's
+# right side full).
+KRONECKER = MODE.endswith("_kronecker")
+MODE = MODE.removesuffix("_kronecker")
+EXTRA = (dict(curvature="auto", kronecker_full_size=4, kronecker_rank=2)
+         if KRONECKER else {})
 DEVICES = 2 if MODE == "tensorflow" else 4
 if MODE.startswith("jax"):
     os.environ["KERAS_BACKEND"] = "jax"
@@ -51,7 +58,7 @@ def build(sampler):
     ])
     keras_ginger.with_fisher(model, sampler=sampler)
     model.compile(optimizer=keras_ginger.Ginger(learning_rate=0.05, tau=4,
-                                                damping=1e-2),
+                                                damping=1e-2, **EXTRA),
                   loss="mse")
     return model
 
@@ -118,7 +125,8 @@ def sharded_state():
         ])
         keras_ginger.with_fisher(model, sampler=shifted_mean)
         model.compile(optimizer=keras_ginger.Ginger(
-            tau=4, learning_rate=0.01, shard_state=shard), loss="mse")
+            tau=4, learning_rate=0.01, shard_state=shard, **EXTRA),
+            loss="mse")
         model.fit(X, Y, batch_size=16, epochs=2, shuffle=False,
                   verbose=0)
         opt = model.optimizer
@@ -128,7 +136,7 @@ def sharded_state():
         for i, v in enumerate(opt.variables):
             out[f"s_{key}_{i}"] = np.asarray(v.value)
         out["bases"] = np.array([i for i, v in enumerate(opt.variables)
-                                 if "curvature_basis" in v.path])
+                                 if v.path.endswith("_basis")])
         out[f"bytes_{key}"] = state_bytes(opt, jax.devices()[0])
         kernel = opt._get_variable_index(model.layers[0].kernel)
         U = opt._blocks[kernel].slots[0].value
@@ -157,7 +165,7 @@ def combos():
     Y = rng.standard_normal((64, 3)).astype("float32")
     out = {}
     for loss_scale in (False, True):
-        for fisher in (False, True):
+        for fisher in ((True,) if KRONECKER else (False, True)):
             weights = []
             for scope in (None, strategy):
                 keras.utils.set_random_seed(0)
@@ -172,7 +180,7 @@ def combos():
                     # A run that trains (loss falls): parity of a diverging
                     # run would only measure chaos.
                     opt = keras_ginger.Ginger(learning_rate=0.01, tau=4,
-                                              damping=0.1)
+                                              damping=0.1, **EXTRA)
                     if loss_scale:
                         opt = keras.optimizers.LossScaleOptimizer(opt)
                     model.compile(optimizer=opt, loss="mse")
@@ -191,6 +199,8 @@ def combos():
             for i, (a, b) in enumerate(zip(*weights)):
                 out[f"{key}_single_{i}"] = a
                 out[f"{key}_multi_{i}"] = b
+    if KRONECKER:
+        return out
     with strategy.scope():  # the random (Gaussian) sampler runs too
         model = build(None)
         sampled, _ = train(model)
@@ -215,10 +225,15 @@ def combos():
 
 
 def curvature_matrix(model):
-    U, s = model.optimizer.get_curvature(model.trainable_variables[0])
-    U = np.asarray(keras.ops.convert_to_numpy(U), np.float64)
-    s = np.asarray(keras.ops.convert_to_numpy(s), np.float64)
-    return (U * s) @ U.T
+    """The first kernel's U diag(σ) Uᵀ, every factor its block keeps,
+    flattened and joined."""
+    out = []
+    for _, U, s in model.optimizer.curvature_factors(
+            model.trainable_variables[0]):
+        U = np.asarray(keras.ops.convert_to_numpy(U), np.float64)
+        s = np.asarray(keras.ops.convert_to_numpy(s), np.float64)
+        out.append(((U * s) @ U.T).ravel())
+    return np.concatenate(out)
 
 
 def _null():

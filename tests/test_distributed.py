@@ -43,8 +43,9 @@ def assert_same_training(z):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
-def test_jax_data_parallel_equals_one_device(tmp_path):
-    assert_same_training(run_script("jax", tmp_path))
+@pytest.mark.parametrize("block", ["", "_kronecker"])
+def test_jax_data_parallel_equals_one_device(tmp_path, block):
+    assert_same_training(run_script("jax" + block, tmp_path))
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
@@ -55,21 +56,28 @@ def test_jax_model_parallel_shards_basis_like_variable(tmp_path):
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution is JAX's")
-def test_jax_sharded_state_equals_replicated(tmp_path):
+@pytest.mark.parametrize("block", ["", "_kronecker"])
+def test_jax_sharded_state_equals_replicated(tmp_path, block):
     """`shard_state=True` (ZeRO-1) under DataParallel on 2 and 4 devices:
     U sharded along n and m, v along their first axis over the batch axis;
     weights and every state variable equal one device's (≤ 1e-5); state
     bytes per device ≤ 1/R + 5 % of the replicated state's; `model.save`
-    of the sharded run loads in a process without a distribution."""
-    z = run_script("jax_sharded_state", tmp_path)
+    of the sharded run loads in a process without a distribution. With
+    Kronecker blocks: L's basis (m = 12 rows) sharded, R's (small)
+    replicated, the same equalities."""
+    z = run_script("jax_sharded_state" + block, tmp_path)
     ref = "1_0"
     full = int(z[f"bytes_{ref}"])
     n_state = len([k for k in z.files if k.startswith(f"s_{ref}_")])
     for R in (2, 4):
         key = f"{R}_1"
         assert list(z[f"spec_{key}"]) == ["batch", "None"]
-        assert int(z[f"rows_{key}"]) == 12 * 16 // R
-        assert int(z[f"bytes_{key}"]) <= (1 / R + 0.05) * full
+        if block:
+            assert int(z[f"rows_{key}"]) == 12 // R
+            assert int(z[f"bytes_{key}"]) < full
+        else:
+            assert int(z[f"rows_{key}"]) == 12 * 16 // R
+            assert int(z[f"bytes_{key}"]) <= (1 / R + 0.05) * full
         for i in range(len([k for k in z.files if k.startswith("w_1_0_")])):
             np.testing.assert_allclose(z[f"w_{key}_{i}"], z[f"w_{ref}_{i}"],
                                        rtol=1e-5, atol=1e-6)
@@ -133,3 +141,28 @@ def test_tf_mirrored_two_replicas_equal_one_device(tf_run, loss_scale,
         moved = np.linalg.norm(multi - single)
         assert moved <= 1e-5 * np.linalg.norm(single), (name, moved)
     assert len(names) == 4  # 2 layers × (kernel, bias)
+
+
+@pytest.fixture(scope="module")
+def tf_kronecker_run(tmp_path_factory):
+    return run_script("tensorflow_kronecker",
+                      tmp_path_factory.mktemp("mirrored_kronecker"))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute is TF's")
+@pytest.mark.parametrize("loss_scale", ["plain", "lso"])
+def test_tf_mirrored_kronecker_equals_one_device(tf_kronecker_run,
+                                                 loss_scale):
+    """Kronecker blocks under MirroredStrategy (2 logical CPUs), with
+    `with_fisher`, with and without a LossScaleOptimizer: the weights and
+    the first kernel's factors L, R equal one device's."""
+    z = tf_kronecker_run
+    key = f"{loss_scale}_fisher"
+    names = sorted(k for k in z.files if k.startswith(key + "_single"))
+    assert len(names) == 4
+    for name in names:
+        single, multi = z[name], z[name.replace("_single_", "_multi_")]
+        moved = np.linalg.norm(multi - single)
+        assert moved <= 1e-5 * np.linalg.norm(single), (name, moved)
+    M1, M2 = z["M_single"], z["M_multi"]
+    assert np.linalg.norm(M2 - M1) <= 1e-5 * np.linalg.norm(M1)
