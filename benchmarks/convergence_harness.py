@@ -11,6 +11,8 @@ Optimizers (`OPTIMIZERS`; name: how it is built):
 * ginger_euclid: `Ginger(tau=8, metric=None, damping=0.1)`, grafted to
   Adam with relative damping in the Euclidean metric (the default until
   2026-11-29 08:00; the "Ginger" rows of the suite's tables until then);
+* ginger_kronecker: `Ginger(tau=8, curvature="auto")`, Kronecker blocks
+  on every matrix-shaped variable (#23), the rest at the defaults;
 * ginger_no_curvature: the default Ginger with `exclude_from_curvature=
   [".*"]`: no variable keeps curvature, each takes the scale rule's
   identity step;
@@ -78,6 +80,11 @@ OPTIMIZERS = {
                                 grid=("x", _GINGER_GRID),
                                 label="Ginger, no curvature",
                                 color="#8c6d31", default_row=False),
+    "ginger_kronecker": dict(kind="ginger",
+                             kwargs={"tau": 8, "curvature": "auto"},
+                             grid=("x", _GINGER_GRID),
+                             label="Ginger, Kronecker blocks",
+                             color="#31a354", default_row=True),
     "adam": dict(kind="Adam", kwargs={}, grid=("lr", _ADAM_GRID),
                  label="Adam", color="tab:blue", default_row=True),
     "adamw": dict(kind="AdamW", kwargs={}, grid=("lr", _ADAM_GRID),
