@@ -28,6 +28,11 @@ an accelerator; torch: eager); the output says which mode ran. Optimizers
                       passes (g and the sampled-label d), curvature every
                       step;
 * ginger_fisher_k10:  the same with curvature_interval=10;
+* ginger_vector, ginger_kronecker(_k10): Ginger + with_fisher with
+                      curvature="vector" (the paper's block on every
+                      variable) and "auto" (Kronecker blocks on the
+                      matrix-shaped ones), the latter also with
+                      curvature_interval=10;
 * embeddings only, Ginger() + with_fisher with the tables kept out of the
   curvature (they take Adam's step): ginger_fisher_maxsize with
   max_curvature_size=63999 (one less than a table's 2000x32 entries) and
@@ -176,6 +181,13 @@ CONFIGS = {
     "ginger_fisher": Config("Ginger+Fisher", Ginger, True),
     "ginger_fisher_k10": Config(
         "Ginger+Fisher k=10", lambda: Ginger(curvature_interval=10), True),
+    "ginger_vector": Config(
+        "Ginger+Fisher vector", lambda: Ginger(curvature="vector"), True),
+    "ginger_kronecker": Config(
+        "Ginger+Fisher Kronecker", lambda: Ginger(curvature="auto"), True),
+    "ginger_kronecker_k10": Config(
+        "Ginger+Fisher Kronecker k=10",
+        lambda: Ginger(curvature="auto", curvature_interval=10), True),
 }
 EXTRA_CONFIGS = {
     "ginger_fisher_maxsize": Config(

@@ -99,6 +99,10 @@ class CurvatureLogger(keras.callbacks.Callback):
       from the float32 U. It stays at float32 round-off (≲ 1e-5) in a
       healthy run; growth means the basis is drifting.
 
+    A variable with a Kronecker block (``curvature="auto"``) has two such
+    factors, L and R (`Ginger.curvature_factors`), logged as
+    ``<name>:left`` and ``<name>:right``.
+
     The optimizer step (``optimizer.iterations``) is the x-axis everywhere.
     A variable is named by its path, or ``path[i]`` (i its index in the
     optimizer) where several variables share a path, as a KerasHub T5's
@@ -234,7 +238,7 @@ class CurvatureLogger(keras.callbacks.Callback):
         candidates = []
         for var in self.model.trainable_variables:
             try:
-                opt.get_curvature(var)
+                opt.curvature_factors(var)
             except (KeyError, ValueError):
                 continue  # not tracked, or no curvature state
             candidates.append(var)
@@ -279,14 +283,15 @@ class CurvatureLogger(keras.callbacks.Callback):
         step = int(ops.convert_to_numpy(opt.iterations))
         rows = []
         for name, var in zip(self._names(), self._selected):
-            U, sigma = opt.get_curvature(var)
-            U = np.asarray(ops.convert_to_numpy(U), np.float64)
-            sigma = np.asarray(ops.convert_to_numpy(sigma), np.float64)
-            k = U.shape[1]
-            gram = U.T @ U - np.eye(k)
-            ortho = float(np.sqrt(np.sum(gram * gram)))
-            top = sigma if self.top is None else sigma[: self.top]
-            rows.append((name, top, ortho, k))
+            for label, U, sigma in opt.curvature_factors(var):
+                U = np.asarray(ops.convert_to_numpy(U), np.float64)
+                sigma = np.asarray(ops.convert_to_numpy(sigma), np.float64)
+                k = U.shape[1]
+                gram = U.T @ U - np.eye(k)
+                ortho = float(np.sqrt(np.sum(gram * gram)))
+                top = sigma if self.top is None else sigma[: self.top]
+                rows.append((f"{name}:{label}" if label else name, top,
+                             ortho, k))
         return step, rows
 
     def _log(self):

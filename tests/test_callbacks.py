@@ -129,6 +129,39 @@ def test_csv_rows_equal_get_curvature(tmp_path, spe):
         assert rec_row["step"] == int(r["step"])
 
 
+def test_kronecker_factors_are_logged_per_side(tmp_path):
+    """curvature="auto": each kernel's L and R are rows ``path:left`` and
+    ``path:right`` holding that factor's σ (`get_curvature(side=)`)."""
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)),
+                              keras.layers.Dense(4, activation="tanh"),
+                              keras.layers.Dense(3)])
+    opt = keras_ginger.Ginger(learning_rate=0.05, curvature="auto",
+                              kronecker_full_size=4, kronecker_rank=2)
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    path = os.path.join(tmp_path, "curv.csv")
+    logger = CurvatureLogger(csv_path=path)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[logger])
+    rows = {r["variable"]: r for r in _read_csv(path)}
+    kernel = model.layers[0].kernel
+    want = {f"{kernel.path}:left": 2, f"{kernel.path}:right": 4}
+    for name, k in want.items():
+        side = name.rsplit(":", 1)[1]
+        _, sigma = opt.get_curvature(kernel, side=side)
+        sigma = np.asarray(keras.ops.convert_to_numpy(sigma), np.float64)
+        assert int(rows[name]["k"]) == k
+        got = np.array([float(rows[name][f"sigma_{i}"])
+                        for i in range(min(k, 3))])
+        np.testing.assert_array_equal(got, sigma[:3])
+        assert got[0] > 0
+        assert float(rows[name]["orthogonality_error"]) < 1e-4
+    bias = model.layers[0].bias.path  # a vector block: one row, no side
+    assert bias in rows and f"{bias}:left" not in rows
+
+
 def _tb_scalars(log_dir):
     import tensorflow as tf
 
