@@ -25,14 +25,18 @@ demo: install
 # (tracing, compiling, Python), so they overlap well even on 2 cores; torch
 # runs its ops on one thread, leaving the cores to the two XLA backends.
 # Each log is printed when all are done; TEST_JOBS=1 runs them in turn.
+# Each backend run gets its own --basetemp (mktemp -d, removed after), so
+# two checkouts on one machine can run `make test` at once.
 TEST_JOBS ?= 3
 test: install
 	@mkdir -p .test-logs; \
 	run() { one=; [ "$$1" = torch ] && one=OMP_NUM_THREADS=1; \
+	  tmp=$$(mktemp -d $${TMPDIR:-/tmp}/keras-ginger-tests-$$1.XXXXXX); \
 	  env $$one KERAS_BACKEND=$$1 $(PY) -m pytest -q -p no:cacheprovider \
-	  --basetemp=$${TMPDIR:-/tmp}/keras-ginger-tests-$$1 --durations=10 \
+	  --basetemp=$$tmp --durations=10 \
 	  $(PYTEST_ARGS) tests > .test-logs/$$1.log 2>&1; \
-	  echo $$? > .test-logs/$$1.rc; echo "--- $$1 done (rc $$(cat .test-logs/$$1.rc))"; }; \
+	  echo $$? > .test-logs/$$1.rc; rm -rf $$tmp; \
+	  echo "--- $$1 done (rc $$(cat .test-logs/$$1.rc))"; }; \
 	if [ "$(TEST_JOBS)" = 1 ]; then for b in $(BACKENDS); do run $$b; done; \
 	else for b in $(BACKENDS); do run $$b & done; wait; fi; \
 	status=0; for b in $(BACKENDS); do \
