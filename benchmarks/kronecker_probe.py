@@ -35,6 +35,9 @@ def main():
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
     p.add_argument("--config", action="append", default=[],
                    metavar="NAME=JSON")
+    p.add_argument("--runs", nargs="+", default=None, metavar="LR:SEED",
+                   help="explicit (learning rate, seed) pairs instead of "
+                        "--lrs x --seeds")
     p.add_argument("--tag", default="probe")
     args = p.parse_args()
     configs = []
@@ -53,17 +56,20 @@ def main():
             opt = overrides.pop("_optimizer", "ginger")
             run = CompiledRun(task, opt, overrides=overrides or None,
                               init_cache=cache, fisher=fisher)
-            for lr in args.lrs:
-                for seed in range(args.seeds):
-                    r = run.run(lr, seed, task.epochs)
-                    r.pop("history")
-                    r.update(config=name, overrides=overrides, fisher=fisher)
-                    out["runs"].append(r)
-                    print(f"{tname:<12} {name:<16} lr={lr:<8g} seed={seed} "
-                          f"best_val={r['best_val_loss']:.4f} "
-                          f"ms/step={r['ms_per_step']:.1f}", flush=True)
-                    with open(path, "w") as f:
-                        json.dump(out, f, indent=1)
+            pairs = ([(float(a), int(b)) for a, b in
+                      (r.split(":") for r in args.runs)] if args.runs else
+                     [(lr, seed) for lr in args.lrs
+                      for seed in range(args.seeds)])
+            for lr, seed in pairs:
+                r = run.run(lr, seed, task.epochs)
+                r.pop("history")
+                r.update(config=name, overrides=overrides, fisher=fisher)
+                out["runs"].append(r)
+                print(f"{tname:<12} {name:<16} lr={lr:<8g} seed={seed} "
+                      f"best_val={r['best_val_loss']:.4f} "
+                      f"ms/step={r['ms_per_step']:.1f}", flush=True)
+                with open(path, "w") as f:
+                    json.dump(out, f, indent=1)
     print(path)
 
 
