@@ -1,0 +1,176 @@
+"""The Kronecker block's suite rows beside the committed peer rows.
+
+    python benchmarks/kronecker_summary.py [--out results/kronecker_suite.md]
+
+Reads every `results/kronecker_probe_*.json` (runs of
+`kronecker_probe.py`; the rows are the runs whose config is
+``{"curvature": "auto"}`` over the suite's Ginger defaults, i.e. the
+suite's `ginger_kronecker`) and `results/kronecker_suite_runs.log` (the
+per-run lines of a `convergence.py --optimizers ginger_kronecker` run
+stopped before it wrote its JSON) and the committed suite results of the other
+optimizers on the same tasks, harness, initial weights, batch order and
+step budgets (`PEERS`), and prints / writes one Markdown table:
+
+* default: learning rate 1e-3, mean ± std over the seeds run;
+* tuned: the learning rate with the lowest mean best validation loss
+  among those run on the most seeds (the suite's rule: the grid on seed 0,
+  the selected learning rate on every seed), with its seed count;
+* the peers' default and tuned rows by the same rule.
+
+Nothing is re-measured here; what a row is missing is printed as "—".
+"""
+
+import argparse
+import collections
+import glob
+import json
+import os
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+TASKS = ["digits", "breast_cancer", "diabetes", "embeddings", "aclsum_t5",
+         "char_lm", "t5_finetune"]
+# Committed suite results (2026-11-29) holding each peer's rows.
+PEERS = {
+    "ginger (vector)": ("convergence_default_v2", "ginger"),
+    "adam": ("convergence_small_peers5 convergence_char_lm_wide "
+             "convergence_t5_peers convergence_aclsum_peers", "adam"),
+    "muon": ("convergence_small_peers5 convergence_char_lm_wide "
+             "convergence_t5_peers convergence_aclsum_peers", "muon"),
+}
+BEST_OF = ("adam", "adamw", "lion", "muon", "sgd_momentum")
+KRONECKER = {"curvature": "auto"}
+
+
+def _load(names):
+    runs = []
+    for name in names.split():
+        with open(os.path.join(RESULTS, name + ".json")) as f:
+            runs.extend(json.load(f)["runs"])
+    return runs
+
+
+def kronecker_runs():
+    runs = []
+    for path in sorted(glob.glob(os.path.join(RESULTS,
+                                              "kronecker_probe_*.json"))):
+        with open(path) as f:
+            for r in json.load(f)["runs"]:
+                if (r.get("overrides") == KRONECKER and r.get("fisher") is None
+                        and r["optimizer"] == "ginger"):
+                    runs.append(r)
+    return runs + logged_runs()
+
+
+def logged_runs(path=os.path.join(RESULTS, "kronecker_suite_runs.log")):
+    """Runs of `convergence.py --optimizers ginger_kronecker` (same harness)
+    that were stopped before writing their JSON: its per-run stdout lines
+    ``task ginger_kronecker lr=.. seed=.. train=.. val=BEST/LAST ...``."""
+    runs = []
+    if not os.path.exists(path):
+        return runs
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 6 or parts[1] != "ginger_kronecker":
+                continue
+            fields = dict(p.split("=", 1) for p in parts[2:6])
+            runs.append({"task": parts[0], "optimizer": "ginger",
+                         "learning_rate": float(fields["lr"]),
+                         "seed": int(fields["seed"]),
+                         "best_val_loss": float(fields["val"].split("/")[0]),
+                         "overrides": KRONECKER, "fisher": None})
+    return runs
+
+
+def by_lr(runs):
+    """{lr: [best val loss per seed]} (one value per seed: the first)."""
+    out = collections.defaultdict(dict)
+    for r in runs:
+        v = r["best_val_loss"]
+        out[float(r["learning_rate"])].setdefault(int(r["seed"]), v)
+    return {lr: list(seeds.values()) for lr, seeds in out.items()}
+
+
+def cell(values):
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.4g} (1 seed)"
+    return f"{mean:.4g} ± {statistics.stdev(values):.2g}"
+
+
+def default_and_tuned(runs):
+    table = by_lr(runs)
+    if not table:
+        return None, None, None
+    most = max(len(v) for v in table.values())
+    lr = min((lr for lr, v in table.items() if len(v) == most),
+             key=lambda lr: statistics.fmean(table[lr]))
+    return table.get(1e-3, []), table[lr], lr
+
+
+def rows():
+    kron = kronecker_runs()
+    out = []
+    for task in TASKS:
+        row = {"task": task}
+        mine = [r for r in kron if r["task"] == task]
+        row["kron"] = default_and_tuned(mine)
+        for label, (files, opt) in PEERS.items():
+            peer = [r for r in _load(files)
+                    if r["task"] == task and r["optimizer"] == opt]
+            row[label] = default_and_tuned(peer)
+        best = None
+        peers = [r for r in _load(PEERS["adam"][0]) if r["task"] == task]
+        for opt in BEST_OF:
+            _, tuned, lr = default_and_tuned(
+                [r for r in peers if r["optimizer"] == opt])
+            if tuned and (best is None or statistics.fmean(tuned)
+                          < statistics.fmean(best[1])):
+                best = (opt, tuned, lr)
+        row["best"] = best
+        out.append(row)
+    return out
+
+
+def markdown(table):
+    lines = [
+        "| task | Kronecker `Ginger(curvature=\"auto\")` default | "
+        "Kronecker tuned (lr) | `Ginger()` (vector) default | `Adam()` | "
+        "Adam tuned | Muon tuned | best tuned peer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        k_def, k_tuned, k_lr = row["kron"]
+        v_def = row["ginger (vector)"][0]
+        a_def, a_tuned, a_lr = row["adam"]
+        _, m_tuned, m_lr = row["muon"]
+        best = row["best"]
+        lines.append(
+            f"| {row['task']} | {cell(k_def)} | "
+            + (f"{cell(k_tuned)} ({k_lr:g}) | " if k_tuned else "— | ")
+            + f"{cell(v_def)} | {cell(a_def)} | "
+            + (f"{cell(a_tuned)} ({a_lr:g}) | " if a_tuned else "— | ")
+            + (f"{cell(m_tuned)} ({m_lr:g}) | " if m_tuned else "— | ")
+            + (f"{cell(best[1])} {best[0]} ({best[2]:g}) |" if best
+               else "— |"))
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.path.join(RESULTS,
+                                                 "kronecker_suite.md"))
+    args = p.parse_args()
+    text = markdown(rows())
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
