@@ -22,6 +22,9 @@ Optimizers (`OPTIMIZERS`; name: how it is built):
   more dimensions) and any whose path contains "embedding" takes its AdamW
   step (same learning rate, `adam_lr_ratio=1`);
 * sgd_momentum: `keras.optimizers.SGD(momentum=0.9)`;
+* psgd_kron: PSGD Kron (`distributed_kron.kron` at the package's
+  defaults, wrapped by benchmarks/optax_peer.py; JAX backend only; not in
+  the default selection);
 * ginger_tau1 / ginger_tau4 / ginger_tau8: the default Ginger at that rank
   (not in the default selection; kept for the earlier tables and tests).
 
@@ -98,6 +101,12 @@ OPTIMIZERS = {
                          grid=("lr", (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)),
                          label="SGD momentum 0.9", color="tab:green",
                          default_row=False),
+    # PSGD Kron (distributed-kron, optax) through benchmarks/optax_peer.py;
+    # JAX backend only.
+    "psgd_kron": dict(kind="optax_psgd_kron", kwargs={},
+                      grid=("lr", (3e-4, 1e-3, 3e-3, 1e-2)),
+                      label="PSGD Kron", color="tab:olive",
+                      default_row=False),
     # Earlier tables (Ginger's rank); not run unless asked for.
     "ginger_tau1": dict(kind="ginger", kwargs={"tau": 1},
                         grid=("x", _GINGER_GRID), label="Ginger τ=1",
@@ -141,6 +150,14 @@ def optimizer_class(name):
         return Ginger
     import keras
 
+    if kind == "optax_psgd_kron":
+        if keras.backend.backend() != "jax":
+            raise RuntimeError(
+                f"{name}: an optax optimizer (distributed-kron), JAX backend "
+                f"only; KERAS_BACKEND is {keras.backend.backend()!r}.")
+        from optax_peer import psgd_kron
+
+        return psgd_kron
     return getattr(keras.optimizers, kind)
 
 
