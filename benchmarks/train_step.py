@@ -307,6 +307,8 @@ def bench_model(name, args, rng):
     make(spec.build, CONFIGS["adam"], args.jit_compile)[0].train_on_batch(
         x, y)  # untimed: first use of these layers and shapes
     for key, config in configs_for(spec).items():
+        if args.configs and key != "adam" and key not in args.configs:
+            continue
         model, optimizer = make(spec.build, config, args.jit_compile)
         first, median, mean = time_steps(model, x, y, args.repeats)
         row.update(params=trainable_params(model),
@@ -419,6 +421,10 @@ def parse_args():
                         "each model's own)")
     parser.add_argument("--models", nargs="+", default=list(MODELS),
                         choices=list(MODELS))
+    parser.add_argument("--configs", nargs="+", default=None,
+                        choices=list(CONFIGS) + list(EXTRA_CONFIGS),
+                        help="columns to time (default: all; adam is "
+                        "always timed, every ratio is to it)")
     parser.add_argument("--jit-compile", default="auto",
                         choices=["auto", "true", "false"],
                         help="model.compile's jit_compile (default: Keras's "
