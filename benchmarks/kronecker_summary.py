@@ -94,13 +94,23 @@ def logged_runs(path=os.path.join(RESULTS, "kronecker_suite_runs.log")):
     return runs
 
 
-def by_lr(runs):
-    """{lr: [best val loss per seed]} (one value per seed: the first)."""
+def by_seed(runs):
+    """{lr: {seed: best val loss}}; a repeated (lr, seed) keeps the first
+    and says so."""
     out = collections.defaultdict(dict)
     for r in runs:
-        v = r["best_val_loss"]
-        out[float(r["learning_rate"])].setdefault(int(r["seed"]), v)
-    return {lr: list(seeds.values()) for lr, seeds in out.items()}
+        lr, seed = float(r["learning_rate"]), int(r["seed"])
+        if seed in out[lr]:
+            print(f"note: {r['task']} lr={lr:g} seed={seed} ran twice; "
+                  "the first run is kept")
+            continue
+        out[lr][seed] = r["best_val_loss"]
+    return out
+
+
+def by_lr(runs):
+    """{lr: [best val loss per seed]}."""
+    return {lr: list(s.values()) for lr, s in by_seed(runs).items()}
 
 
 def cell(values):
@@ -117,17 +127,14 @@ def default_and_tuned(runs):
     selects: by the mean over seeds where every lr ran on the same seeds,
     else by seed 0 (the grid on seed 0, the other seeds at the selected
     lr)."""
-    table = by_lr(runs)
-    if not table:
+    seeds = by_seed(runs)
+    if not seeds:
         return None, None, None
-    if len({len(v) for v in table.values()}) == 1:
+    table = {lr: list(s.values()) for lr, s in seeds.items()}
+    seed0 = {lr: s[0] for lr, s in seeds.items() if 0 in s}
+    if len({frozenset(s) for s in seeds.values()}) == 1 or not seed0:
         lr = min(table, key=lambda lr: statistics.fmean(table[lr]))
     else:
-        seed0 = {}
-        for r in runs:
-            if int(r["seed"]) == 0:
-                seed0.setdefault(float(r["learning_rate"]),
-                                 r["best_val_loss"])
         lr = min(seed0, key=seed0.get)
     return table.get(1e-3, []), table[lr], lr
 

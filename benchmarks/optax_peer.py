@@ -45,10 +45,12 @@ def _subscriptable_partition_spec():
 
     try:
         PartitionSpec[str, str]
+        subscriptable = True
+    except TypeError:
+        subscriptable = False
+    if subscriptable:
         yield
         return
-    except TypeError:
-        pass
     PartitionSpec.__class_getitem__ = classmethod(lambda cls, item: cls)
     try:
         yield

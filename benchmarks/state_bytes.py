@@ -7,7 +7,10 @@ built on its variables).
 
 Counts every variable of `optimizer.variables` (the iteration counter and
 learning rate included), bytes = size x dtype width, divided by the number
-of trainable parameters. Writes results/state_bytes.{json,md}.
+of trainable parameters. Writes results/state_bytes.{json,md}. The
+committed table adds `psgd_kron` (`--optimizers adam adamw lion muon
+sgd_momentum ginger ginger_kronecker psgd_kron`; it needs the packages
+named in benchmarks/optax_peer.py).
 """
 
 import argparse

@@ -21,12 +21,13 @@ stays accurate in float32 at any damping:
     C = diag(α σ, 0) + (1 - α) z zᵀ,  z = (c, r)          ((k+1)×(k+1))
     C = V diag(λ) Vᵀ;  U' = [U, p/r] V[:, :k],  σ' = λ[:k]
 
-The functions are split so that an optimizer can stack the small matrices of
-many variables and call one batched ``eigh``:
+The functions are split so that an optimizer can gather the small matrices
+of many variables and decompose them in one place (`blocks.eigh_each`:
+one unbatched ``eigh`` each; ``top_eigh`` also accepts a stack):
 
     proj = project(U, d, m)                  # reads U 4 times (2 blocked)
     C, scale = small_matrix(sigma, proj, beta_2)
-    lam, V = top_eigh(C, k)                  # batched over leading axes
+    lam, V = top_eigh(C, k)                  # or a stack (leading axes)
     U', sigma', step = finish(U, proj, lam * scale, V, m, damping)
                                  # writes U', reads it twice (blocked: once)
 

@@ -765,7 +765,8 @@ class Ginger(keras.optimizers.Optimizer):
 
     def _update_variables(self, grads, variables, learning_rate,
                           fisher=None):
-        """Update a list of variables with one batched eigh per rank k.
+        """Update a list of variables, every block's small eigensolves
+        in one place (`blocks.eigh_each`).
 
         d comes from `fisher` (aligned with `grads`) when given, else from
         what `apply()` collected; a missing d is g.

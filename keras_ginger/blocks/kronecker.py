@@ -9,6 +9,7 @@ from keras_ginger.blocks.base import ALL
 from keras_ginger.blocks.base import CurvatureBlock
 from keras_ginger.blocks.base import _theta
 
+
 def _rows_layout(layout, rows):
     """``layout`` (rows sharded over one mesh axis, the vector block's basis
     layout) for an (rows, k) basis, or None (replicated) where that axis's
