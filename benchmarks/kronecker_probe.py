@@ -47,6 +47,9 @@ def main():
     out = {"meta": {"argv": sys.argv[1:], **bench_env.stamp()},
            "runs": []}
     path = os.path.join(HERE, "results", f"kronecker_probe_{args.tag}.json")
+    pairs = ([(float(a), int(b)) for a, b in
+              (r.split(":") for r in args.runs)] if args.runs else
+             [(lr, seed) for lr in args.lrs for seed in range(args.seeds)])
     for tname in args.tasks:
         task = TASKS[tname]()
         cache = {}
@@ -56,10 +59,6 @@ def main():
             opt = overrides.pop("_optimizer", "ginger")
             run = CompiledRun(task, opt, overrides=overrides or None,
                               init_cache=cache, fisher=fisher)
-            pairs = ([(float(a), int(b)) for a, b in
-                      (r.split(":") for r in args.runs)] if args.runs else
-                     [(lr, seed) for lr in args.lrs
-                      for seed in range(args.seeds)])
             for lr, seed in pairs:
                 r = run.run(lr, seed, task.epochs)
                 r.pop("history")

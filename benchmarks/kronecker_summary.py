@@ -23,6 +23,7 @@ Nothing is re-measured here; what a row is missing is printed as "—".
 
 import argparse
 import collections
+import functools
 import glob
 import json
 import os
@@ -51,14 +52,18 @@ SAME_CHECKPOINT = {"t5_finetune": "kronecker_probe_t5_adam_check "
 KRONECKER = {"curvature": "auto"}
 
 
+@functools.lru_cache(maxsize=None)
+def _runs_of(name):
+    """The runs of one results JSON (read once; () where it is absent)."""
+    path = os.path.join(RESULTS, name + ".json")
+    if not os.path.exists(path):
+        return ()
+    with open(path) as f:
+        return tuple(json.load(f)["runs"])
+
+
 def _load(names):
-    runs = []
-    for name in names.split():
-        if not os.path.exists(os.path.join(RESULTS, name + ".json")):
-            continue
-        with open(os.path.join(RESULTS, name + ".json")) as f:
-            runs.extend(json.load(f)["runs"])
-    return runs
+    return [r for name in names.split() for r in _runs_of(name)]
 
 
 def kronecker_runs():

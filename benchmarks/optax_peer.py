@@ -211,25 +211,23 @@ if __name__ == "__main__":
     print("loss:", [round(v, 4) for v in h.history["loss"]])
     assert h.history["loss"][-1] < h.history["loss"][0]
 
-    # The suite's reset between runs.
-    model.set_weights(w0)
-    for v, value in zip(opt.variables, init):
-        v.assign(value)
-    opt.learning_rate = 3e-3
-    h2 = model.fit(x, y, batch_size=256, epochs=5, verbose=0)
-    print("after reset, lr=3e-3, loss:",
-          [round(v, 4) for v in h2.history["loss"]])
+    def reset_and_fit(lr):
+        """The suite's reset between runs, then 5 steps at ``lr``."""
+        model.set_weights(w0)
+        for v, value in zip(opt.variables, init):
+            v.assign(value)
+        opt.learning_rate = lr
+        h = model.fit(x, y, batch_size=256, epochs=5, verbose=0)
+        print(f"after reset, lr={lr:g}, loss:",
+              [round(v, 4) for v in h.history["loss"]])
+        return h
+
+    h2 = reset_and_fit(3e-3)
     assert abs(h2.history["loss"][0] - h.history["loss"][0]) < 1e-4
     assert abs(float(opt.learning_rate) - 3e-3) < 1e-9
     assert int(opt.iterations) == 5
     # A reset run at the first learning rate reproduces the first run.
-    model.set_weights(w0)
-    for v, value in zip(opt.variables, init):
-        v.assign(value)
-    opt.learning_rate = 1e-2
-    h3 = model.fit(x, y, batch_size=256, epochs=5, verbose=0)
-    print("after reset, lr=1e-2, loss:",
-          [round(v, 4) for v in h3.history["loss"]])
+    h3 = reset_and_fit(1e-2)
     np.testing.assert_allclose(h3.history["loss"], h.history["loss"],
                                rtol=1e-5)
     print("config:", {k: opt.get_config()[k]

@@ -2,9 +2,10 @@
 
 A variable reshaped to a matrix Θ (m, n) (`as_matrix_shape`: a Dense
 kernel (in, out), a conv kernel (kh·kw·c_in, c_out), an attention kernel
-(d_model, heads·head_dim), an embedding table (vocabulary, width)) gets, instead of one curvature of its m·n entries, two
-Kronecker factors of the Fisher / GGN (K-FAC; Shampoo's two factors), each
-an exponential moving average of the Fisher gradient D (d reshaped):
+(d_model, heads·head_dim), an embedding table (vocabulary, width)) gets,
+instead of one curvature of its m·n entries, two Kronecker factors of the
+Fisher / GGN (K-FAC; Shampoo's two factors), each an exponential moving
+average of the Fisher gradient D (d reshaped):
 
     L_t = α L_{t-1} + (1 - α) D Dᵀ      (m, m)      α = ``beta_2``
     R_t = α R_{t-1} + (1 - α) Dᵀ D      (n, n)
@@ -66,10 +67,10 @@ def as_matrix_shape(shape):
 
     A Dense kernel stays (d_in, d_out); a conv kernel (kh, kw, c_in, c_out)
     reads as (kh·kw·c_in, c_out) whenever c_out ≥ kh·kw (a 3×3 conv with
-    9 or more filters);
-    an attention kernel (d_model, heads, head_dim) reads as (d_model,
-    heads·head_dim) and its output kernel (heads, head_dim, d_model) as
-    (heads·head_dim, d_model) — rather than (d_model·heads, head_dim).
+    9 or more filters); an attention kernel (d_model, heads, head_dim)
+    reads as (d_model, heads·head_dim) and its output kernel (heads,
+    head_dim, d_model) as (heads·head_dim, d_model) — rather than
+    (d_model·heads, head_dim).
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:

@@ -590,7 +590,8 @@ class Ginger(keras.optimizers.Optimizer):
         D^{-1/2}d (Adam's metric, unitless) with ``metric="adam"``, the
         default. A Kronecker block: ``side="left"`` for L (s = m, the
         variable's leading axes) or ``side="right"`` for R (s = n, its
-        trailing axes; `kronecker.as_matrix_shape`); see `curvature_factors` for all of a variable's factors.
+        trailing axes; `kronecker.as_matrix_shape`); see
+        `curvature_factors` for all of a variable's factors.
         """
         factors = dict((label, (U, sigma)) for label, U, sigma
                        in self.curvature_factors(variable))

@@ -187,17 +187,23 @@ def test_lowrank_side_matches_dense_reference():
     assert rel_err((U * s) @ U.T, ref.sides[0]["F"]) <= 1e-4
 
 
-def test_conv_kernel_reads_as_a_matrix():
-    """A (kh, kw, c_in, c_out) kernel: factors of (kh·kw·c_in, c_out)."""
-    rng = np.random.default_rng(5)
-    shape = (3, 3, 2, 10)
-    gs, ds = _pair(rng, (18, 10), 5)
-    ref = DenseKronecker((18, 10), metric="adam")
+def _assert_steps_as_matrix(shape, matrix, seed):
+    """A variable of ``shape`` steps as the dense (m, n) = ``matrix`` step
+    on its reshaped values, with factors m×m and n×n."""
+    rng = np.random.default_rng(seed)
+    gs, ds = _pair(rng, matrix, 5)
+    ref = DenseKronecker(matrix, metric="adam")
     var = keras.Variable(np.zeros(shape, np.float32))
     opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0)
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         assert rel_err(got, ref.step(g, d)) <= 2e-5
-    assert [U.shape[0] for _, U, _ in opt.curvature_factors(var)] == [18, 10]
+    assert ([U.shape[0] for _, U, _ in opt.curvature_factors(var)]
+            == list(matrix))
+
+
+def test_conv_kernel_reads_as_a_matrix():
+    """A (kh, kw, c_in, c_out) kernel: factors of (kh·kw·c_in, c_out)."""
+    _assert_steps_as_matrix((3, 3, 2, 10), (18, 10), seed=5)
 
 
 def test_attention_kernel_splits_heads_from_the_model_axis():
@@ -209,14 +215,7 @@ def test_attention_kernel_splits_heads_from_the_model_axis():
     assert kronecker.as_matrix_shape((3, 3, 16, 32)) == (144, 32)
     assert kronecker.as_matrix_shape((3, 16, 32)) == (48, 32)
     assert kronecker.as_matrix_shape((7,)) == (1, 7)
-    rng = np.random.default_rng(15)
-    gs, ds = _pair(rng, (12, 12), 5)
-    ref = DenseKronecker((12, 12), metric="adam")
-    var = keras.Variable(np.zeros((12, 3, 4), np.float32))
-    opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0)
-    for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
-        assert rel_err(got, ref.step(g, d)) <= 2e-5
-    assert [U.shape[0] for _, U, _ in opt.curvature_factors(var)] == [12, 12]
+    _assert_steps_as_matrix((12, 3, 4), (12, 12), seed=15)
 
 
 def test_loss_scale_invariance():

@@ -15,8 +15,8 @@ d, and turns the momentum into the variable's new value:
 
 The interface (`CurvatureBlock`): ``build`` creates the state variables;
 ``state()`` reads them; a refresh runs in two halves around the
-eigensolves of all blocks of an update (`eigh_each`), ``begin_refresh`` (the small
-symmetric matrices to decompose, each tagged with how) and
+eigensolves of all blocks of an update (`eigh_each`), ``begin_refresh``
+(the small symmetric matrices to decompose, each tagged with how) and
 ``end_refresh`` (the new state and θ'); ``reuse`` steps with the state as
 it is (`curvature_interval`). The state is returned, never assigned here,
 so that the optimizer can choose between the two paths with one `cond`.

@@ -26,9 +26,9 @@ def _rows_layout(layout, rows):
 class KroneckerBlock(CurvatureBlock):
     """Kronecker factors of a matrix-shaped variable (`keras_ginger.kronecker`).
 
-    The variable is read as a matrix (m, n) (`kronecker.as_matrix_shape`). Each side s
-    (m for L, n for R) is *full* (U (s, s): the exact factor, eigh of s×s)
-    when s ≤ `kronecker_full_size`, else low-rank with k =
+    The variable is read as a matrix (m, n) (`kronecker.as_matrix_shape`).
+    Each side s (m for L, n for R) is *full* (U (s, s): the exact factor,
+    eigh of s×s) when s ≤ `kronecker_full_size`, else low-rank with k =
     min(`kronecker_rank`, s) columns and a tail level ρ. State per side:
     U, σ, and ρ for a low-rank side. The side's new columns Y are D itself
     (exact) when the other side is at most `sketch_size` long,
@@ -135,14 +135,12 @@ class KroneckerBlock(CurvatureBlock):
         for (U, sigma, rho, full), Q, u, (lam, V), k in zip(
                 sides, qs, unsketched, eigs, self.ranks):
             if full:
-                U_new, sigma_new = V, lam
-                side = (U_new, sigma_new)
+                side, old = (V, lam), (U, sigma)
             else:
-                U_new, sigma_new, rho_new = kronecker.lowrank_finish(
+                side = kronecker.lowrank_finish(
                     Q, lam, V, rho, k, opt.beta_2, self.tail, u)
-                side = (U_new, sigma_new, rho_new)
+                old = (U, sigma, rho)
             # A non-finite d leaves the factor as it was.
-            old = (U, sigma) if full else (U, sigma, rho)
             new.extend(ops.where(e.d_ok, a, b) for a, b in zip(side, old))
         new = tuple(new)
         return new, self._step(e, new)
