@@ -11,11 +11,13 @@ stopped before it wrote its JSON) and the committed suite results of the other
 optimizers on the same tasks, harness, initial weights, batch order and
 step budgets (`PEERS`), and prints / writes one Markdown table:
 
-* default: learning rate 1e-3, mean ± std over the seeds run;
+* default: learning rate 1e-3 (the Kronecker block with p = 1/4, its
+  first default, and with p = 1/2, its default since 2026-12-07), mean ± std over the seeds run;
 * tuned: the learning rate the suite's rule selects (the lowest mean
   best validation loss where every learning rate ran on the same seeds,
   else the lowest on seed 0, the other seeds having run at the selected
   one), mean ± std over its seeds;
+* the same two columns for ``kronecker_exponent=0.5`` (`P_HALF`);
 * the peers' default and tuned rows by the same rule.
 
 Nothing is re-measured here; what a row is missing is printed as "—".
@@ -49,7 +51,13 @@ BEST_OF = ("adam", "adamw", "lion", "muon", "sgd_momentum")
 SAME_CHECKPOINT = {"t5_finetune": "kronecker_probe_t5_adam_check "
                                   "kronecker_probe_t5_peers_check "
                                   "kronecker_probe_t5_muon_seeds"}
+# The runs of the first Kronecker default, p = 1/4: written as
+# {"curvature": "auto"} before 2026-12-07 16:00, when the default exponent
+# became 1/2 (so runs since then name their exponent).
 KRONECKER = {"curvature": "auto"}
+P_QUARTER = ({"curvature": "auto"},
+             {"curvature": "auto", "kronecker_exponent": 0.25})
+P_HALF = ({"curvature": "auto", "kronecker_exponent": 0.5},)
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,16 +74,20 @@ def _load(names):
     return [r for name in names.split() for r in _runs_of(name)]
 
 
-def kronecker_runs():
+def kronecker_runs(overrides=P_QUARTER):
+    """The probe runs of Ginger whose overrides are one of ``overrides``
+    (and, for p = 1/4, the logged runs of the suite's `ginger_kronecker`,
+    all from before the default changed)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(RESULTS,
                                               "kronecker_probe_*.json"))):
         with open(path) as f:
             for r in json.load(f)["runs"]:
-                if (r.get("overrides") == KRONECKER and r.get("fisher") is None
+                if (r.get("overrides") in overrides
+                        and r.get("fisher") is None
                         and r["optimizer"] == "ginger"):
                     runs.append(r)
-    return runs + logged_runs()
+    return runs + (logged_runs() if overrides == P_QUARTER else [])
 
 
 def logged_runs(path=os.path.join(RESULTS, "kronecker_suite_runs.log")):
@@ -145,12 +157,14 @@ def default_and_tuned(runs):
 
 
 def rows():
-    kron = kronecker_runs()
+    kron, half = kronecker_runs(), kronecker_runs(P_HALF)
     out = []
     for task in TASKS:
         row = {"task": task}
-        mine = [r for r in kron if r["task"] == task]
-        row["kron"] = default_and_tuned(mine)
+        row["kron"] = default_and_tuned([r for r in kron
+                                         if r["task"] == task])
+        row["half"] = default_and_tuned([r for r in half
+                                         if r["task"] == task])
         for label, (files, opt) in PEERS.items():
             if task in SAME_CHECKPOINT:
                 files = (SAME_CHECKPOINT[task] if label != "ginger (vector)"
@@ -174,13 +188,15 @@ def rows():
 
 def markdown(table):
     lines = [
-        "| task | Kronecker `Ginger(curvature=\"auto\")` default | "
-        "Kronecker tuned (lr) | `Ginger()` (vector) default | `Adam()` | "
-        "Adam tuned | Muon tuned | best tuned peer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | Kronecker p = 1/4 default | "
+        "Kronecker p = 1/4 tuned (lr) | Kronecker p = 1/2 default | "
+        "Kronecker p = 1/2 tuned (lr) | `Ginger()` (vector) default | "
+        "`Adam()` | Adam tuned | Muon tuned | best tuned peer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
         k_def, k_tuned, k_lr = row["kron"]
+        h_def, h_tuned, h_lr = row["half"]
         v_def = row["ginger (vector)"][0]
         a_def, a_tuned, a_lr = row["adam"]
         _, m_tuned, m_lr = row["muon"]
@@ -188,6 +204,8 @@ def markdown(table):
         lines.append(
             f"| {row['task']} | {cell(k_def)} | "
             + (f"{cell(k_tuned)} ({k_lr:g}) | " if k_tuned else "— | ")
+            + f"{cell(h_def)} | "
+            + (f"{cell(h_tuned)} ({h_lr:g}) | " if h_tuned else "— | ")
             + f"{cell(v_def)} | {cell(a_def)} | "
             + (f"{cell(a_tuned)} ({a_lr:g}) | " if a_tuned else "— | ")
             + (f"{cell(m_tuned)} ({m_lr:g}) | " if m_tuned else "— | ")

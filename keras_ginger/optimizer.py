@@ -376,7 +376,8 @@ class Ginger(keras.optimizers.Optimizer):
             (exact eigendecomposition of an s×s matrix at each refresh).
             Defaults to `256`.
         kronecker_exponent: p of the step L̃^{-p} M̂ R̃^{-p}, in (0, 1].
-            Defaults to `0.25` (Shampoo's).
+            Defaults to `0.5` (measured against Shampoo's 0.25 on the
+            suite: lower tuned loss on 6 of 7 tasks, benchmarks/README.md).
         kronecker_damping: γ of a Kronecker side, relative to its largest
             eigenvalue σ₁: eigenvalues below max(tail level, γ·σ₁) are
             raised to it. Defaults to `1e-3`.
@@ -404,7 +405,7 @@ class Ginger(keras.optimizers.Optimizer):
         curvature="vector",
         kronecker_rank=32,
         kronecker_full_size=256,
-        kronecker_exponent=0.25,
+        kronecker_exponent=0.5,
         kronecker_damping=1e-3,
         weight_decay=None,
         clipnorm=None,

@@ -189,12 +189,14 @@ def test_lowrank_side_matches_dense_reference():
 
 def _assert_steps_as_matrix(shape, matrix, seed):
     """A variable of ``shape`` steps as the dense (m, n) = ``matrix`` step
-    on its reshaped values, with factors m×m and n×n."""
+    on its reshaped values, with factors m×m and n×n (the Kronecker
+    defaults: exponent 1/2, damping 1e-3)."""
     rng = np.random.default_rng(seed)
     gs, ds = _pair(rng, matrix, 5)
-    ref = DenseKronecker(matrix, metric="adam")
+    ref = DenseKronecker(matrix, metric="adam", exponent=0.5, damping=1e-3)
     var = keras.Variable(np.zeros(shape, np.float32))
     opt = keras_ginger.Ginger(curvature="auto", learning_rate=1.0)
+    assert opt.kronecker_exponent == 0.5
     for got, g, d in zip(drive(opt, var, gs, ds), gs, ds):
         assert rel_err(got, ref.step(g, d)) <= 2e-5
     assert ([U.shape[0] for _, U, _ in opt.curvature_factors(var)]
