@@ -12,7 +12,8 @@ optimizers on the same tasks, harness, initial weights, batch order and
 step budgets (`PEERS`), and prints / writes one Markdown table:
 
 * default: learning rate 1e-3 (the Kronecker block with p = 1/4, its
-  first default, and with p = 1/2, its default since 2026-12-07), mean ± std over the seeds run;
+  first default, and with p = 1/2, its default since 2026-12-07), mean ±
+  std over the seeds run;
 * tuned: the learning rate the suite's rule selects (the lowest mean
   best validation loss where every learning rate ran on the same seeds,
   else the lowest on seed 0, the other seeds having run at the selected
@@ -52,11 +53,10 @@ SAME_CHECKPOINT = {"t5_finetune": "kronecker_probe_t5_adam_check "
                                   "kronecker_probe_t5_peers_check "
                                   "kronecker_probe_t5_muon_seeds"}
 # The runs of the first Kronecker default, p = 1/4: written as
-# {"curvature": "auto"} before 2026-12-07 16:00, when the default exponent
-# became 1/2 (so runs since then name their exponent).
+# {"curvature": "auto"} (`KRONECKER`) before commit 8ea0a7f, when the
+# default exponent became 1/2 (so runs since then name their exponent).
 KRONECKER = {"curvature": "auto"}
-P_QUARTER = ({"curvature": "auto"},
-             {"curvature": "auto", "kronecker_exponent": 0.25})
+P_QUARTER = (KRONECKER, {"curvature": "auto", "kronecker_exponent": 0.25})
 P_HALF = ({"curvature": "auto", "kronecker_exponent": 0.5},)
 
 
@@ -81,12 +81,11 @@ def kronecker_runs(overrides=P_QUARTER):
     runs = []
     for path in sorted(glob.glob(os.path.join(RESULTS,
                                               "kronecker_probe_*.json"))):
-        with open(path) as f:
-            for r in json.load(f)["runs"]:
-                if (r.get("overrides") in overrides
-                        and r.get("fisher") is None
-                        and r["optimizer"] == "ginger"):
-                    runs.append(r)
+        name = os.path.splitext(os.path.basename(path))[0]
+        runs.extend(r for r in _runs_of(name)
+                    if r.get("overrides") in overrides
+                    and r.get("fisher") is None
+                    and r["optimizer"] == "ginger")
     return runs + (logged_runs() if overrides == P_QUARTER else [])
 
 
