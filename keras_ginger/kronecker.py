@@ -92,11 +92,14 @@ def eigh_desc(C):
     return ops.maximum(lam, 0.0), V
 
 
-def full_factor(U, sigma, Y, beta_2):
-    """A full side (U (s, s)): the exact factor F = α UΣUᵀ + (1-α) YYᵀ,
-    ``Y`` (s, w). Its eigendecomposition (`eigh_desc`) is the new (U, σ)."""
-    F = (ops.matmul(U * (beta_2 * sigma), ops.transpose(U))
-         + (1.0 - beta_2) * ops.matmul(Y, ops.transpose(Y)))
+def full_factor(U, sigma, Y, beta_2, F=None):
+    """A full side (U (s, s)): the exact factor F' = α F + (1-α) YYᵀ,
+    ``Y`` (s, w), with F = UΣUᵀ unless the factor itself is given (kept
+    between eigendecompositions). Its eigendecomposition (`eigh_desc`) is
+    the new (U, σ)."""
+    old = (ops.matmul(U * (beta_2 * sigma), ops.transpose(U)) if F is None
+           else beta_2 * F)
+    F = old + (1.0 - beta_2) * ops.matmul(Y, ops.transpose(Y))
     return 0.5 * (F + ops.transpose(F))
 
 

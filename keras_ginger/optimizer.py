@@ -48,7 +48,7 @@ CURVATURES = ("auto", "vector")
 
 
 def _check_kronecker_arguments(curvature, rank, full_size, exponent,
-                               damping):
+                               damping, interval):
     if curvature not in CURVATURES:
         raise ValueError(
             f"Argument `curvature` must be one of {CURVATURES}. Received: "
@@ -61,6 +61,7 @@ def _check_kronecker_arguments(curvature, rank, full_size, exponent,
             "Argument `kronecker_exponent` must be a float in (0, 1]. "
             f"Received: kronecker_exponent={exponent!r}")
     _check_positive_float("kronecker_damping", damping)
+    _check_positive_int("kronecker_interval", interval)
 
 
 _BLOCKS = {"identity": blocks.IdentityBlock, "vector": blocks.VectorBlock,
@@ -381,6 +382,14 @@ class Ginger(keras.optimizers.Optimizer):
         kronecker_damping: γ of a Kronecker side, relative to its largest
             eigenvalue σ₁: eigenvalues below max(tail level, γ·σ₁) are
             raised to it. Defaults to `1e-3`.
+        kronecker_interval: int ≥ 1, Shampoo's preconditioning frequency
+            for the full sides of Kronecker blocks: each such factor F
+            takes d at every refresh (F ← αF + (1-α)DDᵀ, a matmul), and its
+            eigendecomposition (the s×s eigh that dominates a refresh)
+            runs every this many refreshes, the step using the last one in
+            between. With more than 1, each full side also keeps F (s×s
+            floats). Low-rank sides update at every refresh. Defaults to
+            `1` (every refresh decomposes; F is not kept).
         {{base_optimizer_keyword_args}}
     """
 
@@ -407,6 +416,7 @@ class Ginger(keras.optimizers.Optimizer):
         kronecker_full_size=256,
         kronecker_exponent=0.5,
         kronecker_damping=1e-3,
+        kronecker_interval=1,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -428,7 +438,7 @@ class Ginger(keras.optimizers.Optimizer):
         exclude_from_curvature = _check_patterns(exclude_from_curvature)
         _check_kronecker_arguments(curvature, kronecker_rank,
                                    kronecker_full_size, kronecker_exponent,
-                                   kronecker_damping)
+                                   kronecker_damping, kronecker_interval)
         if not isinstance(shard_state, bool):
             raise ValueError(
                 "Argument `shard_state` must be True or False. Received: "
@@ -465,6 +475,7 @@ class Ginger(keras.optimizers.Optimizer):
         self.kronecker_full_size = int(kronecker_full_size)
         self.kronecker_exponent = float(kronecker_exponent)
         self.kronecker_damping = float(kronecker_damping)
+        self.kronecker_interval = int(kronecker_interval)
         # d handed to the next apply() (`using_fisher_grads`), and
         # {variable index: d} during one apply(): per thread and per
         # tf.distribute replica, which run apply() in parallel threads.
@@ -564,10 +575,20 @@ class Ginger(keras.optimizers.Optimizer):
         updates, i.e. after gradient accumulation). A train step may skip
         computing d_t when it is False.
         """
+        return ops.equal(self._update_count() % self.curvature_interval, 0)
+
+    def _update_count(self):
+        """Optimizer updates so far (micro-steps over the accumulation)."""
         step = _keras_compat.micro_step(self)
         if self.gradient_accumulation_steps:
             step = step // self.gradient_accumulation_steps
-        return ops.equal(step % self.curvature_interval, 0)
+        return step
+
+    def _decomposition_due(self):
+        """Boolean tensor: does this refresh decompose the full Kronecker
+        factors? True every `kronecker_interval` refreshes."""
+        refresh = self._update_count() // self.curvature_interval
+        return ops.equal(refresh % self.kronecker_interval, 0)
 
     def nonfinite_report(self):
         """A message naming the last variable and step with non-finite g or
@@ -809,12 +830,23 @@ class Ginger(keras.optimizers.Optimizer):
         curved = [e for e in entries
                   if self._blocks[e.idx].kind != "identity"]
         states = [self._blocks[e.idx].state() for e in curved]
+        split = self.kronecker_interval > 1 and any(
+            self._blocks[e.idx].kind == "kronecker" for e in curved)
+
+        def refresh():
+            if not split:
+                return self._refresh_curvature(curved, states)
+            return ops.cond(
+                self._decomposition_due(),
+                lambda: self._refresh_curvature(curved, states),
+                lambda: self._refresh_curvature(curved, states,
+                                                decompose=False))
+
         if self.curvature_interval == 1:
-            results = self._refresh_curvature(curved, states)
+            results = refresh()
         else:
             results = ops.cond(
-                self.fisher_due(),
-                lambda: self._refresh_curvature(curved, states),
+                self.fisher_due(), refresh,
                 lambda: self._reuse_curvature(curved, states))
         thetas = {}
         for e, (state, theta) in zip(curved, results):
@@ -836,10 +868,12 @@ class Ginger(keras.optimizers.Optimizer):
                     var.dtype))
         self.assign(self._nonfinite, event)
 
-    def _refresh_curvature(self, entries, states):
+    def _refresh_curvature(self, entries, states, decompose=True):
         """[(state', θ')]: every block refreshed from d, its small
-        matrices decomposed in one place (`blocks.eigh_each`)."""
-        begun = [self._blocks[e.idx].begin_refresh(e, state)
+        matrices decomposed in one place (`blocks.eigh_each`); with
+        ``decompose=False`` the full Kronecker factors take d but keep
+        their eigendecomposition (`kronecker_interval`)."""
+        begun = [self._blocks[e.idx].begin_refresh(e, state, decompose)
                  for e, state in zip(entries, states)]
         eigs = blocks.eigh_each([m for tagged, _ in begun for m in tagged])
         out, i = [], 0
@@ -914,6 +948,7 @@ class Ginger(keras.optimizers.Optimizer):
             "kronecker_full_size": self.kronecker_full_size,
             "kronecker_exponent": self.kronecker_exponent,
             "kronecker_damping": self.kronecker_damping,
+            "kronecker_interval": self.kronecker_interval,
         })
         return config
 

@@ -97,8 +97,12 @@ class DenseKronecker:
 
     def __init__(self, shape, rank=32, full_size=256, beta_1=0.9,
                  beta_2=0.99, damping=1e-3, exponent=0.25, graft="adam",
-                 metric=None, graft_beta_2=0.999, graft_epsilon=1e-7):
+                 metric=None, graft_beta_2=0.999, graft_epsilon=1e-7,
+                 interval=1):
         self.shape = shape
+        # A full side's P from its factor every `interval` refreshes
+        # (`kronecker_interval`), the last one in between.
+        self.interval, self.refreshes = interval, 0
         self.beta_1, self.beta_2, self.damping = beta_1, beta_2, damping
         self.p, self.graft, self.metric = exponent, graft, metric
         self.graft_beta_2, self.graft_epsilon = graft_beta_2, graft_epsilon
@@ -106,7 +110,8 @@ class DenseKronecker:
         for s in shape:
             full = s <= full_size
             self.sides.append(dict(F=np.zeros((s, s)), rho=0.0, full=full,
-                                   k=s if full else min(rank, s)))
+                                   k=s if full else min(rank, s),
+                                   P=np.eye(s)))
         self.m = np.zeros(shape)
         self.v = np.zeros(shape)
         self.t = 0
@@ -153,7 +158,12 @@ class DenseKronecker:
             dt = s * d
             self._update(self.sides[0], dt)
             self._update(self.sides[1], dt.T)
-        PL, PR = (self._preconditioner(side) for side in self.sides)
+            decompose = self.refreshes % self.interval == 0
+            self.refreshes += 1
+            for side in self.sides:
+                if decompose or not side["full"]:
+                    side["P"] = self._preconditioner(side)
+        PL, PR = (side["P"] for side in self.sides)
         direction = PL @ (s * m_hat) @ PR
         if self.graft is None:
             return (s * direction).ravel()

@@ -70,8 +70,10 @@ class CurvatureBlock:
     def state(self):
         return tuple(ops.convert_to_tensor(s) for s in self.slots)
 
-    def begin_refresh(self, e, state):
-        """([(tag, C)], context): the small matrices to decompose."""
+    def begin_refresh(self, e, state, decompose=True):
+        """([(tag, C)], context): the small matrices to decompose.
+        ``decompose=False`` (`kronecker_interval`): a block may take d
+        without an eigensolve; the vector block ignores it."""
         raise NotImplementedError
 
     def end_refresh(self, e, state, context, eigs):

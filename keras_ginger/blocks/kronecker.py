@@ -30,7 +30,10 @@ class KroneckerBlock(CurvatureBlock):
     Each side s (m for L, n for R) is *full* (U (s, s): the exact factor,
     eigh of s×s) when s ≤ `kronecker_full_size`, else low-rank with k =
     min(`kronecker_rank`, s) columns and a tail level ρ. State per side:
-    U, σ, and ρ for a low-rank side. The side's new columns Y are D itself
+    U, σ, and ρ for a low-rank side; with `kronecker_interval` > 1 a full
+    side also keeps its factor F (s, s), which takes d at every refresh
+    while (U, σ), its eigendecomposition, is recomputed every
+    `kronecker_interval` refreshes. The side's new columns Y are D itself
     (exact) when the other side is at most `sketch_size` long,
     else D's projection on the other side's basis (a sketch; the energy it
     misses goes to the tail level).
@@ -55,6 +58,8 @@ class KroneckerBlock(CurvatureBlock):
                           for s in self.shape)
         self.ranks = tuple(s if full else min(optimizer.kronecker_rank, s)
                            for s, full in zip(self.shape, self.full))
+        # Full sides keep F only where it outlives a refresh.
+        self.keeps_factor = optimizer.kronecker_interval > 1
 
     def build(self, prefix, basis_layout=None):
         opt = self.optimizer
@@ -73,17 +78,30 @@ class KroneckerBlock(CurvatureBlock):
                 slots.append(opt.add_variable(
                     (), dtype="float32",
                     name=f"{prefix}_kronecker_{label}_tail"))
+            elif self.keeps_factor:
+                slots.append(opt.add_variable(
+                    (s, s), dtype="float32",
+                    name=f"{prefix}_kronecker_{label}_factor"))
         self.slots = tuple(slots)
 
     def sides(self, state):
         """[(U, σ, ρ or None, full)] for the left and the right side."""
+        return [side[:4] for side in self._sides(state)]
+
+    def _sides(self, state):
+        """[(U, σ, ρ or None, full, F or None)]: `sides` and the kept
+        factor of a full side (`kronecker_interval` > 1)."""
         out, i = [], 0
         for full in self.full:
-            if full:
-                out.append((state[i], state[i + 1], None, True))
+            if full and self.keeps_factor:
+                out.append((state[i], state[i + 1], None, True, state[i + 2]))
+                i += 3
+            elif full:
+                out.append((state[i], state[i + 1], None, True, None))
                 i += 2
             else:
-                out.append((state[i], state[i + 1], state[i + 2], False))
+                out.append((state[i], state[i + 1], state[i + 2], False,
+                            None))
                 i += 3
         return out
 
@@ -108,35 +126,41 @@ class KroneckerBlock(CurvatureBlock):
             out.append((Y, ops.sum(Dm * Dm) - ops.sum(Y * Y)))
         return out
 
-    def begin_refresh(self, e, state):
+    def begin_refresh(self, e, state, decompose=True):
         opt = self.optimizer
         scale = opt._metric_scale(e)
         d = e.d if scale is None else e.d * scale
         D = self._matrix(ops.where(e.d_ok, d, 0.0))
-        sides = self.sides(state)
+        sides = self._sides(state)
         columns = self._columns(D, sides)
         tagged, context = [], []
-        for (U, sigma, _, full), (Y, _) in zip(sides, columns):
+        for (U, sigma, _, full, F), (Y, _) in zip(sides, columns):
             if full:
-                tagged.append((ALL, kronecker.full_factor(
-                    U, sigma, Y, opt.beta_2)))
-                context.append(None)
+                F = kronecker.full_factor(U, sigma, Y, opt.beta_2, F)
+                if decompose:
+                    tagged.append((ALL, F))
+                context.append(F)
             else:
                 Q, C = kronecker.lowrank_small(U, sigma, Y, opt.beta_2)
                 tagged.append((ALL, C))
                 context.append(Q)
-        return tagged, (context, [u for _, u in columns])
+        return tagged, (context, [u for _, u in columns], decompose)
 
     def end_refresh(self, e, state, context, eigs):
         opt = self.optimizer
-        qs, unsketched = context
-        sides = self.sides(state)
+        qs, unsketched, decompose = context
+        eigs = iter(eigs)
         new = []
-        for (U, sigma, rho, full), Q, u, (lam, V), k in zip(
-                sides, qs, unsketched, eigs, self.ranks):
+        for (U, sigma, rho, full, F), Q, u, k in zip(
+                self._sides(state), qs, unsketched, self.ranks):
             if full:
-                side, old = (V, lam), (U, sigma)
+                # Q is the new factor F' here.
+                side = (next(eigs) if decompose else (sigma, U))[::-1]
+                old = (U, sigma)
+                if F is not None:
+                    side, old = side + (Q,), old + (F,)
             else:
+                lam, V = next(eigs)
                 side = kronecker.lowrank_finish(
                     Q, lam, V, rho, k, opt.beta_2, self.tail, u)
                 old = (U, sigma, rho)

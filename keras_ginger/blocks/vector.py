@@ -102,7 +102,7 @@ class VectorBlock(CurvatureBlock):
         return opt._graft_rate(e, curvature.step_norm(
             e.adam.m_sq, w, sigma, damping, complete))
 
-    def begin_refresh(self, e, state):
+    def begin_refresh(self, e, state, decompose=True):
         U, sigma = state
         complete = U.shape[0] == U.shape[1]
         block_rows = self.block_rows(U)
