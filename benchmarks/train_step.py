@@ -33,6 +33,12 @@ an accelerator; torch: eager); the output says which mode ran. Optimizers
                       variable) and "auto" (Kronecker blocks on the
                       matrix-shaped ones), the latter also with
                       curvature_interval=10;
+* ginger_kronecker_ki10, ginger_kronecker_k2_ki5: the Kronecker block
+                      with its full factors decomposed every 10 refreshes
+                      (`kronecker_interval=10`, d every step), and with d
+                      every 2 steps, decomposed every 5 refreshes (every
+                      10 steps); their means over a multiple of 10 steps
+                      (--repeats 20) are the amortised cost;
 * embeddings only, Ginger() + with_fisher with the tables kept out of the
   curvature (they take Adam's step): ginger_fisher_maxsize with
   max_curvature_size=63999 (one less than a table's 2000x32 entries) and
@@ -188,6 +194,13 @@ CONFIGS = {
     "ginger_kronecker_k10": Config(
         "Ginger+Fisher Kronecker k=10",
         lambda: Ginger(curvature="auto", curvature_interval=10), True),
+    "ginger_kronecker_ki10": Config(
+        "Ginger+Fisher Kronecker, eigh every 10",
+        lambda: Ginger(curvature="auto", kronecker_interval=10), True),
+    "ginger_kronecker_k2_ki5": Config(
+        "Ginger+Fisher Kronecker, d every 2, eigh every 10",
+        lambda: Ginger(curvature="auto", curvature_interval=2,
+                       kronecker_interval=5), True),
 }
 EXTRA_CONFIGS = {
     "ginger_fisher_maxsize": Config(
