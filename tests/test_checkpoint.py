@@ -80,7 +80,7 @@ def _model(seed=0, schedule=True, jit_compile=False, **ginger):
 _ROLES = ("momentum", "second_moment", "curvature_basis", "curvature_eigenvalues",
           "fisher_accumulator", "gradient_accumulator", "average") + tuple(
     f"kronecker_{side}_{what}" for side in ("left", "right")
-    for what in ("basis", "eigenvalues", "tail"))
+    for what in ("basis", "eigenvalues", "tail", "factor"))
 _BASES = ("curvature_basis", "kronecker_left_basis", "kronecker_right_basis")
 
 
@@ -188,11 +188,13 @@ def test_model_save_restores_state_and_resume_equals_uninterrupted(run):
     _assert_same(_state(resumed), states[12], rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("interval", [1, 4])
 def test_kronecker_state_save_restores_and_resume_equals_uninterrupted(
-        tmp_path):
-    """The Kronecker block's state (U, σ, ρ of each side) comes back bit for
-    bit from a .keras file, and the resumed run equals the uninterrupted
-    one."""
+        tmp_path, interval):
+    """The Kronecker block's state (U, σ, ρ of each side; with
+    `kronecker_interval=4` also the full side's factor F, saved at step 6,
+    two refreshes after its last eigendecomposition) comes back bit for bit
+    from a .keras file, and the resumed run equals the uninterrupted one."""
     path = str(tmp_path / "step6.keras")
     states = {}
 
@@ -201,13 +203,14 @@ def test_kronecker_state_save_restores_and_resume_equals_uninterrupted(
         model.save(path)
 
     x, y = _data()
-    model = _model(**KRONECKER)
+    model = _model(**KRONECKER, kronecker_interval=interval)
     model.fit(x, y, epochs=2, callbacks=[AtStep(6, at_6)], **FIT)
     kinds = [model.optimizer.block_kind(v) for v in model.trainable_variables]
     assert kinds == ["kronecker", "vector", "kronecker", "vector"]
     resumed = keras.models.load_model(path)
     restored = _state(resumed)
     assert sum(k.endswith("_tail") for k in restored) == 3
+    assert sum(k.endswith("_factor") for k in restored) == (interval > 1)
     assert all(np.any(restored[k] > 0) for k in restored
                if k.endswith(("_tail", "_eigenvalues")))
     _assert_equal(restored, states[6])
