@@ -39,6 +39,8 @@ an accelerator; torch: eager); the output says which mode ran. Optimizers
                       every 2 steps, decomposed every 5 refreshes (every
                       10 steps); their means over a multiple of 10 steps
                       (--repeats 20) are the amortised cost;
+* ginger_kronecker_k5_ki2: d every 5 steps, the full factors decomposed
+                      every second refresh (every 10 steps);
 * embeddings only, Ginger() + with_fisher with the tables kept out of the
   curvature (they take Adam's step): ginger_fisher_maxsize with
   max_curvature_size=63999 (one less than a table's 2000x32 entries) and
@@ -201,6 +203,10 @@ CONFIGS = {
         "Ginger+Fisher Kronecker, d every 2, eigh every 10",
         lambda: Ginger(curvature="auto", curvature_interval=2,
                        kronecker_interval=5), True),
+    "ginger_kronecker_k5_ki2": Config(
+        "Ginger+Fisher Kronecker, d every 5, eigh every 10",
+        lambda: Ginger(curvature="auto", curvature_interval=5,
+                       kronecker_interval=2), True),
 }
 EXTRA_CONFIGS = {
     "ginger_fisher_maxsize": Config(

@@ -232,3 +232,10 @@ def maybe_merge_call(fn, strategy, *args):
         raise _missing("`tf.__internal__.distribute.interim.maybe_merge_call`"
                        f" (TensorFlow {tf.__version__})") from None
     return merge(fn, strategy, *args)
+
+
+def jax_step_loop(model, step_function):
+    """Keras's JAX `_make_function`: wraps ``step_function(state, data)``
+    into the ``train_function(state, iterator)`` that `fit()` calls, one
+    step per batch (a Python loop over `steps_per_execution`)."""
+    return _attr(model, "_make_function", "JAXTrainer")(step_function)

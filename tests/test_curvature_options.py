@@ -141,3 +141,103 @@ def test_invalid_fisher_grads_leave_accumulators_untouched():
         opt.apply(g, [a, b], fisher_grads=[g[0], np.ones((3, 2), np.float32)])
     for x, v in zip(before, opt.variables):
         np.testing.assert_array_equal(x, ops.convert_to_numpy(v))
+
+
+def _interval_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((6, 6, 1)),
+        keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    return keras_ginger.with_fisher(model)
+
+
+def _interval_data():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((48, 6, 6, 1)).astype("float32")
+    return x, rng.integers(0, 3, 48)
+
+
+def _counting_fisher_loss(model):
+    """Wrap the model's Fisher loss to count its calls: Python calls (JAX:
+    traces under jit; torch: steps), and on TensorFlow also its runs in
+    the graph (a variable incremented beside it)."""
+    calls = []
+    runs = keras.Variable(0.0, trainable=False, name="fisher_runs")
+    inner = model._fisher_loss
+
+    def counted(*args):
+        calls.append(1)
+        if keras.backend.backend() == "tensorflow":
+            runs.assign_add(1.0)
+        return inner(*args)
+
+    model._fisher_loss = counted
+    return calls, runs
+
+
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_fisher_pass_only_on_due_steps(accumulation):
+    """With curvature_interval=3, `fit()` draws Fisher labels only for the
+    steps that take d: on JAX two compiled steps picked on the host (the
+    one without d never traces the Fisher loss), on torch a Python branch
+    per step; and the run is the one where every step takes d in the graph
+    and the optimizer ignores it off the interval (JAX's in-graph
+    `lax.cond` fallback; on every backend the optimizer's own count)."""
+    x, y = _interval_data()
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def run(dispatch):
+        model = _interval_model()
+        opt = keras_ginger.Ginger(learning_rate=0.05, tau=2,
+                                  curvature="auto", curvature_interval=3,
+                                  gradient_accumulation_steps=accumulation)
+        model.compile(optimizer=opt, loss=loss)
+        if not dispatch:
+            model._dispatch_fisher_on_host = lambda: False
+        calls, runs = _counting_fisher_loss(model)
+        traces, step = [], model.train_step
+        model.train_step = lambda *a: traces.append(1) or step(*a)
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return model, opt, calls, runs, traces
+
+    model, opt, calls, runs, traces = run(dispatch=True)
+    micro = 6
+    updates = micro // (accumulation or 1)
+    due_micro = sum(1 for s in range(micro)
+                    if (s // (accumulation or 1)) % 3 == 0)
+    assert int(ops.convert_to_numpy(opt.iterations)) == updates
+    backend = keras.backend.backend()
+    if backend == "jax":
+        assert len(traces) == 2  # the steps with and without d
+        assert len(calls) == 1  # traced once, in the step with d
+    elif backend == "torch":
+        assert len(calls) == due_micro
+    else:  # TensorFlow: the sampling under tf.cond, run when due
+        assert float(ops.convert_to_numpy(runs)) == due_micro
+    if backend == "jax":
+        reference, ref_opt, ref_calls, _, ref_traces = run(dispatch=False)
+        assert len(ref_calls) == len(ref_traces) == 1
+        for a, b in zip(model.trainable_variables,
+                        reference.trainable_variables):
+            np.testing.assert_allclose(ops.convert_to_numpy(a),
+                                       ops.convert_to_numpy(b),
+                                       rtol=1e-5, atol=1e-6)
+        # The curvature as matrices (eigenvectors of close eigenvalues
+        # rotate with round-off; U diag(σ) Uᵀ does not).
+        for var, ref_var in zip(model.trainable_variables,
+                                reference.trainable_variables):
+            if opt.block_kind(var) == "identity":
+                continue
+            for (side, U, s), (_, rU, rs) in zip(
+                    opt.curvature_factors(var),
+                    ref_opt.curvature_factors(ref_var)):
+                U, s, rU, rs = (ops.convert_to_numpy(a).astype("float64")
+                                for a in (U, s, rU, rs))
+                assert rel_err((U * s) @ U.T, (rU * rs) @ rU.T) <= 1e-5, side
+    # The curvature took d exactly on the due updates: σ moved from 0.
+    kernel = model.layers[0].kernel
+    (_, U, sigma), _ = opt.curvature_factors(kernel)
+    assert float(ops.convert_to_numpy(sigma)[0]) > 0

@@ -108,6 +108,24 @@ def test_optimizer_internals(trained):
         assert strategy is None
 
 
+def test_jax_step_loop(trained):
+    """Keras's JAX step loop calls the step once per batch and threads the
+    state through (`steps_per_execution` batches per call)."""
+    if BACKEND != "jax":
+        pytest.skip("JAXTrainer's step loop: JAX only")
+    model, *_ = trained
+    seen = []
+
+    def step(state, data):
+        seen.append(data)
+        return {"n": len(seen)}, state + 1
+
+    loop = compat.jax_step_loop(model, step)
+    logs, state = loop(0, iter(["a", "b", "c"]))
+    assert model.steps_per_execution == 1
+    assert seen == ["a"] and state == 1 and logs == {"n": 1}
+
+
 def test_missing_internal_names_keras_version():
     with pytest.raises(compat.KerasCompatError,
                        match=f"Keras {keras.__version__}.*keras>=3"):

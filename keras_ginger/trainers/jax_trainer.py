@@ -1,5 +1,7 @@
 """Fisher train step for the JAX backend (stateless, like JAXTrainer)."""
 
+import contextlib
+
 import jax
 import keras
 
@@ -20,11 +22,76 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
     the optimizer's micro-step), read from the stateless train state, so
     every step (also under jit, and with steps_per_execution > 1) draws
     fresh samples.
+
+    With ``curvature_interval`` > 1, `make_train_function` compiles two
+    steps, with and without the Fisher pass (no sampled labels, no second
+    VJP), and picks one per batch on the host from the optimizer's step
+    count in the train state (one scalar read per step). A backward pass
+    inside `jax.lax.cond` runs far slower on XLA:CPU than outside it
+    (a convolution's VJP 34×, benchmarks/results/xla_cond_probe.md), so the
+    in-graph `lax.cond` is only the fallback: under a
+    `keras.distribution`, with NNX, or where Keras's JAX trainer lacks the
+    step loop this relies on.
     """
+
+    # None: decide in the graph whether d is due; True / False: the step
+    # being traced is the one with / without the Fisher pass.
+    _static_fisher_due = None
+
+    @contextlib.contextmanager
+    def _tracing_fisher_due(self, due):
+        previous = self._static_fisher_due
+        self._static_fisher_due = due
+        try:
+            yield
+        finally:
+            self._static_fisher_due = previous
+
+    def make_train_function(self, force=False):
+        if self.train_function is not None and not force:
+            return self.train_function
+        super().make_train_function(force=force)
+        if not self._dispatch_fisher_on_host():
+            return self.train_function
+
+        def compiled(due):
+            def step(state, data):
+                with self._tracing_fisher_due(due):
+                    return self.train_step(state, data)
+
+            return jax.jit(step, donate_argnums=0)
+
+        steps = {True: compiled(True), False: compiled(False)}
+
+        def dispatch(state, data):
+            return steps[self._host_fisher_due(state)](state, data)
+
+        self.train_function = _keras_compat.jax_step_loop(self, dispatch)
+        return self.train_function
+
+    def _dispatch_fisher_on_host(self):
+        """Whether `make_train_function` picks the step on the host."""
+        return (self._fisher_active()
+                and self._fisher_due() is not None
+                and not self.run_eagerly
+                and self.jit_compile
+                and keras.distribution.distribution() is None
+                and not keras.config.is_nnx_enabled()
+                and hasattr(self, "_make_function"))
+
+    def _host_fisher_due(self, state):
+        """Python bool: is d due at the step that `state` is about to take
+        (`Ginger.fisher_due()` evaluated on the state's optimizer
+        variables)?"""
+        optimizer_variables = state[2]
+        with keras.StatelessScope(state_mapping=list(
+                zip(self.optimizer.variables, optimizer_variables))):
+            return bool(self._fisher_due())
 
     def train_step(self, state, data):
         if not self._fisher_active():
             return super().train_step(state, data)
+        static_due = self._static_fisher_due
         (
             trainable_variables,
             non_trainable_variables,
@@ -40,7 +107,7 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
             if v is seed_generator.state
         )
 
-        def losses_fn(trainable_variables):
+        def losses_fn(trainable_variables, with_fisher=True):
             # Keras's own loss: forward pass, compute_loss (regularization
             # losses, sample weights), scale_loss.
             loss, aux = self.compute_loss_and_updates(
@@ -55,6 +122,9 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
             )
             unscaled_loss, y_pred, new_non_trainable, new_metrics = aux
             new_non_trainable = list(new_non_trainable)
+            if not with_fisher:
+                return (loss, keras.ops.zeros_like(loss)), (
+                    unscaled_loss, y_pred, new_non_trainable, new_metrics)
             # The Fisher loss, from the same y_pred; the base seed is read
             # from the train state (the step's draws are derived from it,
             # nothing is written back).
@@ -79,9 +149,14 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
                 new_metrics,
             )
 
-        (loss, f_loss), vjp_fn, aux = jax.vjp(
-            losses_fn, trainable_variables, has_aux=True
-        )
+        if static_due is False:  # the step without the Fisher pass
+            (loss, f_loss), vjp_fn, aux = jax.vjp(
+                lambda tv: losses_fn(tv, with_fisher=False),
+                trainable_variables, has_aux=True)
+        else:
+            (loss, f_loss), vjp_fn, aux = jax.vjp(
+                losses_fn, trainable_variables, has_aux=True
+            )
         one, zero = jax.numpy.ones_like(loss), jax.numpy.zeros_like(loss)
         (grads,) = vjp_fn((one, zero))
         with keras.StatelessScope(
@@ -89,8 +164,15 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
                                    optimizer_variables))
         ):
             due = self._fisher_due()
-        if due is None:
+        if due is not None and static_due is not None:
+            due = static_due
+        elif due is not None and not _keras_compat.is_in_jax_tracing_scope(
+                due):
+            due = bool(due)  # eager: a Python branch
+        if due is None or due is True:
             (fisher_grads,) = vjp_fn((zero, one))
+        elif due is False:
+            fisher_grads = [jax.numpy.zeros_like(g) for g in grads]
         else:  # curvature_interval > 1: the second backward pass only when due
             fisher_grads = jax.lax.cond(
                 due,

@@ -38,6 +38,10 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
         replica = tf.cast(context.replica_id_in_sync_group, base.dtype)
         return base + replica * REPLICA_SEED_STRIDE
 
+    def _scaled_fisher_loss(self, y, y_pred, sample_weight):
+        return self.optimizer.scale_loss(
+            self._fisher_loss(y, y_pred, sample_weight))
+
     def train_step(self, data):
         if not self._fisher_active():
             return super().train_step(data)
@@ -63,14 +67,21 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
                 )[0],
             )
             loss = self.optimizer.scale_loss(loss)
-            f_loss = self.optimizer.scale_loss(
-                self._fisher_loss(y, y_pred, sample_weight)
-            )
+            # curvature_interval > 1: labels drawn only when d is due.
+            due = self._fisher_due()
+            if due is None:
+                f_loss = self._scaled_fisher_loss(y, y_pred, sample_weight)
+            else:
+                f_loss = tf.cond(
+                    due,
+                    lambda: tf.cast(self._scaled_fisher_loss(
+                        y, y_pred, sample_weight), loss.dtype),
+                    lambda: tf.zeros_like(loss),
+                )
 
         if self.trainable_weights:
             trainable_weights = self.trainable_weights
             gradients = tape.gradient(loss, trainable_weights)
-            due = self._fisher_due()
             if due is None:
                 fisher_gradients = tape.gradient(f_loss, trainable_weights)
             else:  # curvature_interval > 1: the second pass only when due

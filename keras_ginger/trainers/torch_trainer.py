@@ -41,15 +41,17 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
             ).shape[0],
         )
         loss = self.optimizer.scale_loss(loss)
-        f_loss = self.optimizer.scale_loss(
-            self._fisher_loss(y, y_pred, sample_weight)
-        )
+        # curvature_interval > 1: labels drawn only when d is due.
+        due = self._fisher_due()
+        due = True if due is None else bool(due)
+        if due:
+            f_loss = self.optimizer.scale_loss(
+                self._fisher_loss(y, y_pred, sample_weight)
+            )
 
         if self.trainable_weights:
             trainable_weights = self.trainable_weights[:]
             params = [v.value for v in trainable_weights]
-            due = self._fisher_due()
-            due = True if due is None else bool(due)
             gradients = torch.autograd.grad(
                 loss, params, retain_graph=due, allow_unused=True
             )
