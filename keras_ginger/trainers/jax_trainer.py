@@ -1,6 +1,7 @@
 """Fisher train step for the JAX backend (stateless, like JAXTrainer)."""
 
 import contextlib
+import functools
 
 import jax
 import keras
@@ -83,15 +84,17 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
         """Python bool: is d due at the step that `state` is about to take
         (`Ginger.fisher_due()` evaluated on the state's optimizer
         variables)?"""
-        optimizer_variables = state[2]
+        return bool(self._fisher_due_in(state[2]))
+
+    def _fisher_due_in(self, optimizer_variables):
+        """`_fisher_due()` on the given optimizer variables (stateless)."""
         with keras.StatelessScope(state_mapping=list(
                 zip(self.optimizer.variables, optimizer_variables))):
-            return bool(self._fisher_due())
+            return self._fisher_due()
 
     def train_step(self, state, data):
         if not self._fisher_active():
             return super().train_step(state, data)
-        static_due = self._static_fisher_due
         (
             trainable_variables,
             non_trainable_variables,
@@ -99,6 +102,16 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
             metrics_variables,
         ) = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        # Is d due: True or False where known while tracing (every step;
+        # the step `make_train_function` compiled with or without d; eager),
+        # else a traced boolean for the in-graph `lax.cond`.
+        due = self._fisher_due_in(optimizer_variables)
+        if due is None:
+            due = True
+        elif self._static_fisher_due is not None:
+            due = self._static_fisher_due
+        elif not _keras_compat.is_in_jax_tracing_scope(due):
+            due = bool(due)
 
         seed_generator = self._fisher_seed_generator
         seed_index = next(
@@ -149,27 +162,13 @@ class FisherTrainStep(train_step.FisherTrainStepBase):
                 new_metrics,
             )
 
-        if static_due is False:  # the step without the Fisher pass
-            (loss, f_loss), vjp_fn, aux = jax.vjp(
-                lambda tv: losses_fn(tv, with_fisher=False),
-                trainable_variables, has_aux=True)
-        else:
-            (loss, f_loss), vjp_fn, aux = jax.vjp(
-                losses_fn, trainable_variables, has_aux=True
-            )
+        (loss, f_loss), vjp_fn, aux = jax.vjp(
+            functools.partial(losses_fn, with_fisher=due is not False),
+            trainable_variables, has_aux=True
+        )
         one, zero = jax.numpy.ones_like(loss), jax.numpy.zeros_like(loss)
         (grads,) = vjp_fn((one, zero))
-        with keras.StatelessScope(
-            state_mapping=list(zip(self.optimizer.variables,
-                                   optimizer_variables))
-        ):
-            due = self._fisher_due()
-        if due is not None and static_due is not None:
-            due = static_due
-        elif due is not None and not _keras_compat.is_in_jax_tracing_scope(
-                due):
-            due = bool(due)  # eager: a Python branch
-        if due is None or due is True:
+        if due is True:
             (fisher_grads,) = vjp_fn((zero, one))
         elif due is False:
             fisher_grads = [jax.numpy.zeros_like(g) for g in grads]
